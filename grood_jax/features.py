@@ -1,0 +1,72 @@
+"""Feature extraction: the backbone runs once per dataset, in fixed-size batches.
+
+The last batch is padded to the batch size, so the jitted forward compiles once per shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grood_jax.data.base import normalize
+
+
+@dataclasses.dataclass
+class Features:
+  feats: np.ndarray               # (N, D) penultimate features h
+  logits: np.ndarray              # (N, C)
+  early: np.ndarray | None = None  # (N, F) flattened early feature maps e
+
+
+def batches(n: int, batch_size: int):
+  """Yields (start, stop) of fixed-size batches covering range(n)."""
+  for start in range(0, n, batch_size):
+    yield start, min(start + batch_size, n)
+
+
+def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
+  """Pads the leading axis up to batch_size by repeating the last row."""
+  n = len(x)
+  if n == batch_size:
+    return x
+  pad = np.repeat(x[-1:], batch_size - n, axis=0)
+  return np.concatenate([x, pad], axis=0)
+
+
+def map_batched(fn: Callable, images_u8: np.ndarray, *, mean, std, batch_size: int = 512,
+                progress: Callable[[int], None] | None = None):
+  """Applies fn(normalised_batch) -> pytree of (B, ...) arrays over images in padded batches.
+
+  Returns the pytree of numpy arrays concatenated over the N images.
+  """
+  outs = []
+  bs = min(batch_size, max(len(images_u8), 1))
+  for start, stop in batches(len(images_u8), bs):
+    xb = pad_batch(images_u8[start:stop], bs)
+    out = fn(jnp.asarray(normalize(xb, mean, std)))
+    outs.append(jax.tree.map(lambda a, k=stop - start: np.asarray(a)[:k], out))
+    if progress is not None:
+      progress(stop - start)
+  if not outs:
+    raise ValueError("map_batched: no images")
+  return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
+
+
+def extract(fns, params, images_u8: np.ndarray, *, mean, std, batch_size: int = 512,
+            with_early: bool = False, progress=None) -> Features:
+  """Penultimate features, logits and (optionally) flattened early features of every image."""
+
+  def fwd(x):
+    e, h, f = fns.jit_forward(params, x)
+    out = {"feats": h, "logits": f}
+    if with_early:
+      out["early"] = e.reshape(e.shape[0], -1)
+    return out
+
+  out = map_batched(fwd, images_u8, mean=mean, std=std, batch_size=batch_size, progress=progress)
+  return Features(feats=out["feats"].astype(np.float32), logits=out["logits"].astype(np.float32),
+                  early=out.get("early"))

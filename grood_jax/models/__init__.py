@@ -1,0 +1,28 @@
+"""Flax NNX backbones with one interface: early / from_early / head / __call__.
+
+`build_model(config.model, num_classes, in_channels)` makes one from a config;
+`ModelFns` (modelfns.py) turns a model into pure, jitted functions of its parameters.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from grood_jax.models.cnn import SmallCNN
+
+_MODELS = {"cnn": SmallCNN}
+
+
+def register_model(name: str, cls) -> None:
+  _MODELS[name] = cls
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 1, seed: int = 0, **kwargs):
+  if name not in _MODELS:
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
+  return _MODELS[name](num_classes=num_classes, in_channels=in_channels,
+                       rngs=nnx.Rngs(seed), **kwargs)
+
+
+def model_names() -> list[str]:
+  return sorted(_MODELS)

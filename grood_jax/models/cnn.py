@@ -1,0 +1,55 @@
+"""A small CNN for 28x28 grayscale images (Fashion-MNIST)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class SmallCNN(nnx.Module):
+  """conv-conv-pool | conv-conv-pool-conv-GAP | dense.
+
+  Backbone interface shared by every model of grood_jax:
+    early(x)      -> e   early feature map (B, 14, 14, width), after the first block
+    from_early(e) -> h   penultimate feature (B, feature_dim), post-ReLU, global-average-pooled
+    head(h)       -> f   logits (B, num_classes)
+    __call__(x)   == head(from_early(early(x)))
+  BatchNorm follows the module's train/eval mode (`model.train()` / `model.eval()`).
+  """
+
+  def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32,
+               feature_dim: int = 128, *, rngs: nnx.Rngs):
+    self.num_classes = num_classes
+    self.feature_dim = feature_dim
+    self.in_channels = in_channels
+    w = width
+    self.conv1 = nnx.Conv(in_channels, w, (3, 3), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(w, rngs=rngs)
+    self.conv2 = nnx.Conv(w, w, (3, 3), use_bias=False, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(w, rngs=rngs)
+    self.conv3 = nnx.Conv(w, 2 * w, (3, 3), use_bias=False, rngs=rngs)
+    self.bn3 = nnx.BatchNorm(2 * w, rngs=rngs)
+    self.conv4 = nnx.Conv(2 * w, 2 * w, (3, 3), use_bias=False, rngs=rngs)
+    self.bn4 = nnx.BatchNorm(2 * w, rngs=rngs)
+    self.conv5 = nnx.Conv(2 * w, feature_dim, (3, 3), use_bias=False, rngs=rngs)
+    self.bn5 = nnx.BatchNorm(feature_dim, rngs=rngs)
+    self.fc = nnx.Linear(feature_dim, num_classes, rngs=rngs)
+
+  def early(self, x: jax.Array) -> jax.Array:
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.relu(self.bn2(self.conv2(x)))
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
+
+  def from_early(self, e: jax.Array) -> jax.Array:
+    x = nnx.relu(self.bn3(self.conv3(e)))
+    x = nnx.relu(self.bn4(self.conv4(x)))
+    x = nnx.max_pool(x, (2, 2), strides=(2, 2))
+    x = nnx.relu(self.bn5(self.conv5(x)))
+    return jnp.mean(x, axis=(1, 2))
+
+  def head(self, h: jax.Array) -> jax.Array:
+    return self.fc(h)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.head(self.from_early(self.early(x)))

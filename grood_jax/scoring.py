@@ -1,0 +1,260 @@
+"""The benchmark harness: restore a checkpoint, extract features once, fit and score detectors.
+
+  results, scores = score_checkpoint(ckpt_dir, detectors=["grood", "knn"], ...)
+
+The backbone runs once per data set (features and logits are cached in memory and, when a
+cache directory is given, on disk keyed by the checkpoint's parameters and the images).
+Each detector is fitted on the ID training split, then scores the ID test split and every OOD
+set. With `select=True`, every point of a detector's search grid is fitted anew and scored on
+the ID validation split against the OOD validation set (the half not used by any detector
+as auxiliary data); the best AUROC wins. Test OOD sets are never looked at during selection.
+
+Library code: no prints. Progress and log lines go through the `log` callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from grood_jax import metrics
+from grood_jax.data import DataError, ImageSet, OODSet, load_benchmark, load_source
+from grood_jax.detectors import Context, Split, make_detector
+from grood_jax.features import extract
+from grood_jax.modelfns import ModelFns
+
+
+@dataclasses.dataclass
+class ScoreOptions:
+  detectors: list[str]
+  benchmark: str | None = None            # default: the one the checkpoint was trained on
+  extra_ood: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (group, name, spec)
+  select: bool = False
+  detector_params: dict = dataclasses.field(default_factory=dict)  # name -> {param: value}
+  data_dir: str | None = None
+  seed: int = 0
+  batch_size: int = 512
+  cache_dir: str | None = None
+
+
+def params_fingerprint(params) -> str:
+  """A hash of every parameter array (values, shapes and dtypes): the checkpoint's identity."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    a = np.asarray(leaf)
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str(a.shape).encode() + str(a.dtype).encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()[:16]
+
+
+def images_fingerprint(images: np.ndarray) -> str:
+  h = hashlib.sha256()
+  h.update(str(images.shape).encode())
+  h.update(np.ascontiguousarray(images).tobytes())
+  return h.hexdigest()[:16]
+
+
+class FeatureCache:
+  """Features of each image set under one checkpoint, in memory and optionally on disk."""
+
+  def __init__(self, fns: ModelFns, params, *, mean, std, batch_size: int,
+               cache_dir: str | None = None, log: Callable[[str], None] | None = None):
+    self.fns, self.params, self.mean, self.std = fns, params, mean, std
+    self.batch_size = batch_size
+    self.cache_dir = cache_dir
+    self.log = log or (lambda s: None)
+    self.model_key = params_fingerprint(params)
+    self._mem: dict[str, Split] = {}
+    self.hits = 0
+    self.misses = 0
+
+  def split(self, data: ImageSet) -> Split:
+    key = f"{self.model_key}-{images_fingerprint(data.images)}"
+    if key in self._mem:
+      s = self._mem[key]
+      return dataclasses.replace(s, name=data.name)
+    path = os.path.join(self.cache_dir, f"feats-{key}.npz") if self.cache_dir else None
+    if path and os.path.exists(path):
+      try:
+        with np.load(path) as z:
+          feats, logits = z["feats"], z["logits"]
+        self.hits += 1
+      except (OSError, ValueError, KeyError):
+        feats = None
+    else:
+      feats = None
+    if feats is None:
+      self.misses += 1
+      t0 = time.time()
+      f = extract(self.fns, self.params, data.images, mean=self.mean, std=self.std,
+                  batch_size=self.batch_size)
+      feats, logits = f.feats, f.logits
+      self.log(f"features of {data.name}: {len(data)} images in {time.time() - t0:.1f}s")
+      if path:
+        os.makedirs(self.cache_dir, exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}.npz"
+        np.savez(tmp, feats=feats, logits=logits)
+        os.replace(tmp, path)
+    s = Split(name=data.name, feats=feats, logits=logits, images=data.images, labels=data.labels)
+    self._mem[key] = s
+    return s
+
+
+def _check_scores(name: str, set_name: str, s: np.ndarray) -> np.ndarray:
+  s = np.asarray(s, np.float64)
+  bad = ~np.isfinite(s)
+  if bad.any():
+    raise ValueError(f"detector {name!r} gave {int(bad.sum())} non-finite scores of "
+                     f"{len(s)} on {set_name!r}")
+  return s
+
+
+def split_ood_val(ood_val: ImageSet, seed: int) -> tuple[ImageSet, ImageSet]:
+  """Splits the OOD validation set in two disjoint halves: auxiliary data for detectors that
+  use real outliers (GROOD's `oodval` source) and the half that selection scores against."""
+  perm = np.random.default_rng(seed).permutation(len(ood_val))
+  half = len(perm) // 2
+  return (ood_val.subset(np.sort(perm[:half]), ood_val.name + "[aux]"),
+          ood_val.subset(np.sort(perm[half:]), ood_val.name + "[select]"))
+
+
+def fit_and_score(det, ctx: Context, id_split: Split, ood_splits: list[tuple[str, str, Split]]):
+  """Fits one detector and scores the ID split and every OOD split.
+
+  Returns (per-set metrics, {set: scores}, accuracy of the detector's own prediction, seconds).
+  """
+  t0 = time.time()
+  state = det.fit(ctx)
+  t_fit = time.time() - t0
+  scores = {"id": _check_scores(det.name, id_split.name, det.score(ctx, state, id_split))}
+  per_set = {}
+  for group, name, split in ood_splits:
+    s = _check_scores(det.name, name, det.score(ctx, state, split))
+    scores[name] = s
+    per_set[name] = {"group": group, **metrics.ood_metrics(scores["id"], s)}
+  acc = None
+  if id_split.labels is not None:
+    acc = float(metrics.accuracy(np.asarray(det.predict(ctx, state, id_split)), id_split.labels))
+  return per_set, scores, acc, {"fit_s": t_fit, "score_s": time.time() - t0 - t_fit}
+
+
+def select_params(name: str, base_params: dict, ctx: Context, id_val: Split, ood_val: Split,
+                  log: Callable[[str], None]):
+  """Fits every grid point anew, scores ID val vs OOD val; returns (best params, grid results)."""
+  proto = make_detector(name, **base_params)
+  grid = []
+  best = None
+  for point in proto.grid_points():
+    det = make_detector(name, **point)
+    state = det.fit(ctx)  # refitted for every point: no state is shared across the grid
+    s_id = _check_scores(name, id_val.name, det.score(ctx, state, id_val))
+    s_ood = _check_scores(name, ood_val.name, det.score(ctx, state, ood_val))
+    auc = metrics.auroc(s_id, s_ood)
+    grid.append({"params": _jsonable(point), "auroc": float(auc)})
+    if best is None or auc > best[1]:
+      best = (point, auc)
+  log(f"select {name}: {len(grid)} grid points, best AUROC {best[1]:.4f} with "
+      f"{ {k: best[0][k] for k in proto.grid} }")
+  return best[0], grid
+
+
+def _jsonable(d: dict) -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, (np.generic,)):
+      v = v.item()
+    out[k] = v
+  return out
+
+
+def build_sets(bench, extra_ood) -> list[OODSet]:
+  sets = list(bench.ood)
+  names = {s.name for s in sets}
+  h, w, c = bench.image_shape
+  for group, name, spec in extra_ood:
+    if name in names:
+      raise DataError(f"--ood: a set named {name!r} already exists in {bench.name}; pick another name")
+    data = load_source(spec, name=name, image_shape=(h, w, c))
+    sets.append(OODSet(name=name, group=group, data=data))
+    names.add(name)
+  return sets
+
+
+def score_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, log: Callable[[str], None] | None = None):
+  """Scores every requested detector on one checkpoint. Returns (results dict, scores dict)."""
+  from grood_jax.checkpoint import load_model
+  from grood_jax.report import group_means
+
+  log = log or (lambda s: None)
+  model, config, step = load_model(ckpt_dir)
+  bench_name = opts.benchmark or config.benchmark
+  data_dir = opts.data_dir or config.get("data_dir", None)
+  bench = load_benchmark(bench_name, data_dir=data_dir)
+  if int(model.num_classes) != bench.num_classes:
+    raise DataError(f"the checkpoint's model has {model.num_classes} classes but benchmark "
+                    f"{bench_name!r} has {bench.num_classes}; pass --benchmark "
+                    f"{config.benchmark} (the one it was trained on)")
+  if int(getattr(model, "in_channels", bench.image_shape[-1])) != bench.image_shape[-1]:
+    raise DataError(f"the model takes {model.in_channels}-channel images but benchmark "
+                    f"{bench_name!r} has {bench.image_shape[-1]}")
+  fns = ModelFns(model)
+  params = fns.params
+  cache = FeatureCache(fns, params, mean=bench.mean, std=bench.std, batch_size=opts.batch_size,
+                       cache_dir=opts.cache_dir, log=log)
+  t0 = time.time()
+  train = cache.split(bench.id_train)
+  id_test = cache.split(bench.id_test)
+  ood_sets = build_sets(bench, opts.extra_ood)
+  ood_splits = [(s.group, s.name, cache.split(s.data)) for s in ood_sets]
+  aux_val = sel_val = None
+  if bench.ood_val is not None:
+    aux, sel = split_ood_val(bench.ood_val, opts.seed)
+    aux_val, sel_val = cache.split(aux), cache.split(sel)
+  noise = cache.split(bench.noise) if bench.noise is not None else None
+  id_val = cache.split(bench.id_val) if opts.select else None
+  t_feats = time.time() - t0
+
+  ctx = Context(fns=fns, params=params, mean=bench.mean, std=bench.std, train=train,
+                ood_val=aux_val, noise=noise, seed=opts.seed, batch_size=min(opts.batch_size, 256))
+  classifier_acc = float(metrics.accuracy(id_test.logits.argmax(-1), id_test.labels))
+
+  results = {"benchmark": bench.name, "checkpoint": os.path.abspath(ckpt_dir),
+             "checkpoint_step": int(step), "classifier_accuracy": classifier_acc,
+             "detectors": {}, "selection": {},
+             "meta": {"seed": opts.seed, "num_train": len(train), "num_id_test": len(id_test),
+                      "sets": {n: {"group": g, "size": len(s)} for g, n, s in ood_splits},
+                      "model_fingerprint": cache.model_key},
+             "timing": {"features_s": t_feats}}
+  all_scores = {}
+  for name in opts.detectors:
+    params_user = dict(opts.detector_params.get(name, {}))
+    runs = [(name, params_user)]
+    if opts.select:
+      if sel_val is None:
+        raise DataError(f"--select needs an OOD validation set; benchmark {bench.name!r} has none")
+      chosen, grid = select_params(name, params_user, ctx, id_val, sel_val, log)
+      results["selection"][name] = {"chosen": _jsonable(chosen), "grid": grid,
+                                    "id_val": id_val.name, "ood_val": sel_val.name}
+      if name == "grood":  # report the authors' setting beside the selected one
+        runs = [("grood[default]", params_user), (name, chosen)]
+      else:
+        runs = [(name, chosen)]
+    for label, p in runs:
+      det = make_detector(name, **p)
+      per_set, scores, acc, timing = fit_and_score(det, ctx, id_test, ood_splits)
+      entry = {"params": _jsonable(det.params), "accuracy": acc, "ood": per_set,
+               **group_means(per_set)}
+      results["detectors"][label] = entry
+      results["timing"][label] = timing
+      all_scores[label] = scores
+      log(f"{label}: fit {timing['fit_s']:.1f}s, score {timing['score_s']:.1f}s")
+  if not opts.select:
+    results.pop("selection")
+  return results, all_scores

@@ -1,0 +1,153 @@
+"""Score OOD detectors on a trained checkpoint and write the report.
+
+  python score.py --ckpt runs/fmnist6v4
+  python score.py --ckpt runs/fmnist6v4 --detectors grood,knn --ood far:faces=npz:faces.npz
+  python score.py --ckpt runs/fmnist6v4 --detectors all --select --out report/
+  python score.py --ckpt runs/s0 runs/s1 runs/s2 --detectors all   # mean ± std over seeds
+  python score.py --list-detectors
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import time
+import traceback
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--ckpt", nargs="+", help="checkpoint directory (a train.py --workdir); several "
+                 "give mean ± std")
+  p.add_argument("--out", help="report directory (default: <ckpt>/report)")
+  p.add_argument("--detectors", default="grood,msp,energy,knn",
+                 help="comma-separated detector names, or 'all' (default: %(default)s)")
+  p.add_argument("--benchmark", help="benchmark name (default: the checkpoint's)")
+  p.add_argument("--ood", action="append", default=[], metavar="GROUP:NAME=SOURCE",
+                 help="add an OOD set, e.g. far:faces=npz:faces.npz or near:mine=folder:dir/")
+  p.add_argument("--param", action="append", default=[], metavar="DETECTOR.KEY=VALUE",
+                 help="override a detector parameter, e.g. grood.tau=10 or knn.k=10")
+  p.add_argument("--select", action="store_true",
+                 help="choose each detector's parameters on ID val vs OOD val (refitting each)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--data-dir", help="where local data sets live")
+  p.add_argument("--batch-size", type=int, default=512)
+  p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+  p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
+  p.add_argument("--list-detectors", action="store_true", help="list detectors and exit")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() first (multi-host TPU/GPU)")
+  p.add_argument("--debug", action="store_true", help="show tracebacks")
+  return p.parse_args(argv)
+
+
+def parse_param_overrides(items: list[str]) -> dict:
+  from grood_jax.detectors import DetectorError
+  out: dict = {}
+  for item in items:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+      raise DetectorError(f"--param {item!r}: expected DETECTOR.KEY=VALUE, e.g. grood.tau=10")
+    lhs, value = item.split("=", 1)
+    det, key = lhs.split(".", 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a bare string such as mixup
+    out.setdefault(det, {})[key] = value
+  return out
+
+
+def list_detectors() -> str:
+  from grood_jax.detectors import REGISTRY
+  lines = []
+  for name in sorted(REGISTRY):
+    cls = REGISTRY[name]
+    lines.append(f"{name:12s} {cls.description}")
+    lines.append(f"{'':12s} defaults: {cls.defaults}")
+    if cls.grid:
+      lines.append(f"{'':12s} grid:     {cls.grid}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  try:
+    return run(args)
+  except KeyboardInterrupt:
+    print("interrupted; the previous report (if any) is intact", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 - the CLI turns errors into one line
+    from grood_jax.errors import USER_ERRORS
+    if args.debug or not isinstance(e, USER_ERRORS):
+      traceback.print_exc()
+      if not isinstance(e, USER_ERRORS):
+        return 1
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args) -> int:
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
+  from grood_jax.detectors import DetectorError, make_detector, parse_detectors
+  from grood_jax.data import parse_ood_spec
+  from grood_jax import report
+  from grood_jax.scoring import ScoreOptions, score_checkpoint
+
+  if args.list_detectors:
+    print(list_detectors())
+    return 0
+  if not args.ckpt:
+    raise DetectorError("--ckpt is required (a directory written by train.py --workdir)")
+  for c in args.ckpt:
+    if not os.path.isdir(c):
+      from grood_jax.checkpoint import CheckpointError
+      raise CheckpointError(f"--ckpt {c}: no such directory; give a train.py --workdir")
+  names = parse_detectors(args.detectors)
+  overrides = parse_param_overrides(args.param)
+  for det, params in overrides.items():
+    if det not in names:
+      raise DetectorError(f"--param {det}.*: detector {det!r} is not among --detectors {names}")
+    make_detector(det, **params)  # validates parameter names now, before any work
+  extra = [parse_ood_spec(s) for s in args.ood]
+  out = args.out or os.path.join(args.ckpt[0], "report")
+  _check_writable(out)
+  opts = ScoreOptions(detectors=names, benchmark=args.benchmark, extra_ood=extra,
+                      select=args.select, detector_params=overrides, data_dir=args.data_dir,
+                      seed=args.seed, batch_size=args.batch_size,
+                      cache_dir=None if args.no_cache else os.path.join(out, "cache"))
+  log = lambda s: print(f"  {s}", file=sys.stderr, flush=True)  # noqa: E731
+  runs = []
+  t0 = time.time()
+  for i, ckpt in enumerate(args.ckpt):
+    print(f"[{i + 1}/{len(args.ckpt)}] scoring {ckpt} ...", file=sys.stderr, flush=True)
+    runs.append(score_checkpoint(ckpt, opts, log=log))
+  if len(runs) == 1:
+    results, scores = runs[0]
+  else:
+    results = report.aggregate_runs([r for r, _ in runs])
+    scores = runs[0][1]
+  results.setdefault("timing", {})["total_s"] = time.time() - t0
+  print(report.format_table(results))
+  paths = report.write_report(results, out, scores=None if args.no_plots else scores)
+  print(f"report: {os.path.join(out, 'report.html')} ({len(paths)} files) in "
+        f"{time.time() - t0:.1f}s", file=sys.stderr)
+  return 0
+
+
+def _check_writable(out: str) -> None:
+  from grood_jax.errors import OutputError
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise OutputError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+  if not os.access(out, os.W_OK):
+    raise OutputError(f"--out {out}: the directory is not writable; choose another --out")
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,48 @@
+"""GEN (Liu et al., 2023): generalised entropy of the top-M softmax probabilities.
+
+  score = -sum_{j in top-M} p_j^gamma (1 - p_j)^gamma,   p = softmax(f)
+
+Parameters: gamma (default 0.1) and M, the number of largest probabilities summed: an int
+(clipped to the number of classes C, default 10, so M = C when C < 10), or "half" (C // 2) or
+"all" (C). The grid uses the relative forms so that it fits any C.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grood_jax.detectors import _common
+from grood_jax.detectors.base import Detector, DetectorError, register
+
+
+@functools.partial(jax.jit, static_argnames=("m",))
+def gen_scores(logits_NxC, gamma, *, m):
+  p_NxM, _ = jax.lax.top_k(jax.nn.softmax(logits_NxC, axis=-1), m)
+  return -jnp.sum(p_NxM ** gamma * (1.0 - p_NxM) ** gamma, axis=-1)
+
+
+def resolve_m(m, num_classes: int) -> int:
+  if m == "all":
+    return num_classes
+  if m == "half":
+    return max(1, num_classes // 2)
+  if isinstance(m, (int, np.integer)) and not isinstance(m, bool) and m >= 1:
+    return min(int(m), num_classes)
+  raise DetectorError(f"gen: M must be an int >= 1, 'half' or 'all', got {m!r}")
+
+
+@register
+class GEN(Detector):
+  name = "gen"
+  defaults = {"gamma": 0.1, "M": 10}
+  grid = {"gamma": [0.01, 0.1, 0.5, 1.0], "M": ["half", "all"]}
+  description = "generalised entropy of the top-M softmax probabilities"
+
+  def score(self, ctx, state, split) -> np.ndarray:
+    logits = _common.as_np32(split.logits)
+    m = resolve_m(self.params["M"], logits.shape[1])
+    return _common.as_np32(gen_scores(logits, float(self.params["gamma"]), m=m))

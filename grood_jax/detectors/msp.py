@@ -1,0 +1,25 @@
+"""MSP (Hendrycks & Gimpel, 2017): the maximum softmax probability, max_c softmax(f)_c."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from grood_jax.detectors import _common
+from grood_jax.detectors.base import Detector, register
+
+
+@jax.jit
+def msp_scores(logits_NxC):
+  return _common.max_softmax(logits_NxC)
+
+
+@register
+class MSP(Detector):
+  name = "msp"
+  defaults = {}
+  grid = {}
+  description = "maximum softmax probability"
+
+  def score(self, ctx, state, split) -> np.ndarray:
+    return _common.as_np32(msp_scores(_common.as_np32(split.logits)))

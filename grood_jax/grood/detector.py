@@ -1,0 +1,129 @@
+"""The `grood` detector: fit prototypes and a gradient bank, score by nearest bank gradient.
+
+fit (METHOD.md §1, Algorithm 1):
+  1. class prototypes p_c = mean h over train samples of TRUE label c; early prototypes q_c
+     (source="mixup" only), streamed over the train images and cached in ctx.cache;
+  2. p_ood from the source (ood_sources.py);
+  3. targets = the classifier's prediction argmax f(x);
+  4. bank = per-sample dL/dp_ood (or dL/dp_target, wrt="class") of the CORRECTLY classified
+     train samples.
+score: -(squared L2 distance to the k-th nearest bank gradient) (search.py for the variants).
+predict: the nearest class prototype argmin_c ||h - p_c|| (NCP prediction).
+
+normalize=True L2-normalises every penultimate feature (train, OOD source rows, scored
+splits) before anything else; prototypes are then means of unit vectors (not re-normalised).
+grad="closed_form" uses the closed form of the gradient instead of autodiff (same numbers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from grood_jax.detectors.base import Context, Detector, DetectorError, Split, register
+# module imports (not names): grood_jax.detectors imports this module while these may still be
+# initialising, so their attributes are looked up at call time.
+from grood_jax.grood import loss as _loss
+from grood_jax.grood import ood_sources as _sources
+from grood_jax.grood import prototypes as _protos
+from grood_jax.grood import search as _search
+
+
+@register
+class GROOD(Detector):
+  name = "grood"
+  defaults = dict(source="mixup", lam=0.5, n_ood=100, k=1, wrt="ood", metric="l2", tau=1.0,
+                  normalize=False, score_kind="knn", grad="autodiff")
+  # 4 x 2 x 2 x 2 = 32 points; lam is left at the paper's 0.5 (it only acts for mixup, so a
+  # lam axis would mostly repeat the other sources).
+  grid = dict(source=["mixup", "noise", "protomean", "oodval"], tau=[1.0, 10.0], k=[1, 5],
+              normalize=[False, True])
+  needs_model = True
+  description = ("GROOD: gradient of the nearest-class-prototype loss w.r.t. an OOD prototype, "
+                 "scored by the nearest gradient of correctly classified train samples")
+
+  def __init__(self, **params):
+    super().__init__(**params)
+    p = self.params
+    checks = [("source", _sources.SOURCES), ("wrt", _loss.WRT), ("metric", _search.METRICS),
+              ("score_kind", _search.SCORE_KINDS), ("grad", _loss.METHODS)]
+    for key, allowed in checks:
+      if p[key] not in allowed:
+        raise DetectorError(f"grood: {key} must be one of {allowed}, got {p[key]!r}")
+    if int(p["k"]) < 1 or int(p["n_ood"]) < 1 or float(p["tau"]) <= 0:
+      raise DetectorError(f"grood: need k >= 1, n_ood >= 1, tau > 0; got {p}")
+    if not 0.0 <= float(p["lam"]) <= 1.0:
+      raise DetectorError(f"grood: lam must lie in [0, 1], got {p['lam']}")
+
+  # -- helpers -------------------------------------------------------------------------------
+
+  def _feats(self, split: Split) -> np.ndarray:
+    feats = np.asarray(split.feats, np.float32)
+    if self.params["normalize"]:
+      feats = np.asarray(_loss.normalize_feats(feats))
+    return feats
+
+  def _grads(self, state: dict, feats_NxD, targets_N) -> np.ndarray:
+    p = self.params
+    return _loss.batched_grads(feats_NxD, state["class_protos"], state["ood_proto"], targets_N,
+                               wrt=p["wrt"], tau=float(p["tau"]), method=p["grad"])
+
+  def _early_protos(self, ctx: Context, num_classes: int):
+    train = ctx.train
+    key = ("grood.early_protos", train.name, len(train))
+    if key not in ctx.cache:
+      if train.early is not None:
+        ctx.cache[key] = _protos.class_means(train.early, train.labels, num_classes)
+      elif train.images is None:
+        raise DetectorError(f"grood source 'mixup' needs the images of {train.name}")
+      else:
+        ctx.cache[key] = _protos.early_class_means(
+            ctx.fns, ctx.params, train.images, train.labels, num_classes, mean=ctx.mean,
+            std=ctx.std, batch_size=ctx.batch_size)
+    return np.asarray(ctx.cache[key])
+
+  # -- protocol ------------------------------------------------------------------------------
+
+  def fit(self, ctx: Context) -> dict:
+    p = self.params
+    train = ctx.train
+    if train.labels is None:
+      raise DetectorError(f"grood: the train split {train.name} has no labels")
+    labels_N = np.asarray(train.labels)
+    num_classes = int(np.asarray(train.logits).shape[1])
+    feats_NxD = self._feats(train)
+    try:
+      class_protos = np.asarray(_protos.class_means(feats_NxD, labels_N, num_classes))
+    except ValueError as e:
+      raise DetectorError(f"grood: {e}") from None
+    early_protos = self._early_protos(ctx, num_classes) if p["source"] == "mixup" else None
+    ood_proto, _ = _sources.ood_prototype(
+        p["source"], ctx, class_protos, early_protos, lam=float(p["lam"]),
+        n_ood=int(p["n_ood"]), seed=ctx.seed, normalize=bool(p["normalize"]))
+
+    preds_N = np.asarray(train.logits).argmax(-1)
+    correct = preds_N == labels_N
+    if correct.sum() < int(p["k"]):
+      raise DetectorError(f"grood: {int(correct.sum())} correctly classified train samples, "
+                          f"fewer than k={p['k']}")
+    state = dict(class_protos=class_protos, ood_proto=ood_proto)
+    if early_protos is not None:
+      state["early_protos"] = early_protos
+    state["bank"] = self._grads(state, feats_NxD[correct], preds_N[correct])
+    return state
+
+  def score(self, ctx: Context, state: dict, split: Split) -> np.ndarray:
+    p = self.params
+    targets_N = np.asarray(split.logits).argmax(-1)
+    grads_NxD = self._grads(state, self._feats(split), targets_N)
+    return _search.gradient_scores(grads_NxD, state["bank"], score_kind=p["score_kind"],
+                                   k=int(p["k"]), metric=p["metric"])
+
+  def predict(self, ctx: Context, state: dict, split: Split) -> np.ndarray:
+    return _protos.nearest_prototype(self._feats(split), state["class_protos"])
+
+  @staticmethod
+  def prototypes(state: dict) -> "_protos.Prototypes":
+    """The state's prototypes as one pytree."""
+    return _protos.Prototypes(class_protos_CxD=state["class_protos"],
+                              ood_proto_D=state["ood_proto"],
+                              early_protos_CxF=state.get("early_protos"))

@@ -1,0 +1,155 @@
+"""The nearest-class-prototype (NCP) loss and GROOD's per-sample gradients.
+
+Over the C+1 prototypes P = (p_1 .. p_C, p_ood), with temperature tau (METHOD.md: tau = 1):
+
+  s_j(h)     = -||h - p_j||_2 / tau                   (Euclidean, not squared)
+  L(h, P, y) = -s_y + log sum_j exp(s_j)              y = the classifier's prediction
+
+Gradients (pi = softmax(s), y a class index, never the OOD index):
+
+  dL/dp_ood = (pi_ood / tau) * (h - p_ood) / ||h - p_ood||
+      Derivation: only s_ood depends on p_ood and y != ood, so dL/dp_ood = pi_ood * ds_ood/dp_ood;
+      d||h - p||/dp = -(h - p)/||h - p||, hence ds_ood/dp_ood = (h - p_ood) / (tau ||h - p_ood||).
+      It does not depend on y, and its norm is pi_ood / tau (= pi_ood at tau = 1).
+  dL/dp_y   = ((pi_y - 1) / tau) * (h - p_y) / ||h - p_y||       (the wrt="class" variant)
+
+At h == p the Euclidean norm has no gradient (NaN through sqrt); `safe_norm` makes it zero,
+so the gradient is 0 there, which is also the closed form's limit convention below.
+
+`per_sample_grads` is `jax.vmap(jax.grad(ncp_loss))` inside one `jax.jit`; the closed forms
+serve tests and a fast path (`method="closed_form"`). `batched_grads` runs either over any
+number of samples in fixed-size padded batches.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grood_jax.features import batches, pad_batch
+
+WRT = ("ood", "class")
+METHODS = ("autodiff", "closed_form")
+
+
+def safe_norm(x, axis=-1):
+  """Euclidean norm whose gradient at 0 is 0 instead of NaN (the double-where trick)."""
+  sq = jnp.sum(x * x, axis=axis)
+  nonzero = sq > 0
+  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
+
+
+def normalize_feats(feats_NxD, eps: float = 1e-12):
+  """L2-normalises each row (a zero row stays zero)."""
+  n = safe_norm(feats_NxD)[..., None]
+  return feats_NxD / jnp.maximum(n, eps)
+
+
+def ncp_logits(h_D, protos_PxD, tau=1.0):
+  """s_j = -||h - p_j|| / tau for every prototype: (P,)."""
+  return -safe_norm(h_D[None, :] - protos_PxD) / tau
+
+
+def ncp_loss(h_D, protos_PxD, target, tau=1.0):
+  """-s_target + logsumexp(s): scalar."""
+  s_P = ncp_logits(h_D, protos_PxD, tau)
+  return jax.nn.logsumexp(s_P) - s_P[target]
+
+
+def _check(wrt: str, method: str = "autodiff"):
+  if wrt not in WRT:
+    raise ValueError(f"wrt must be one of {WRT}, got {wrt!r}")
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("wrt",))
+def _per_sample_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, tau, wrt):
+  if wrt == "ood":
+    def loss(ood_D, h_D, t):
+      protos_PxD = jnp.concatenate([class_protos_CxD, ood_D[None, :]], axis=0)
+      return ncp_loss(h_D, protos_PxD, t, tau)
+    return jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(ood_proto_D, feats_BxD, targets_B)
+
+  def loss(p_D, h_D, t):                              # wrt == "class": d/dp_target
+    protos_PxD = jnp.concatenate([class_protos_CxD.at[t].set(p_D), ood_proto_D[None, :]], axis=0)
+    return ncp_loss(h_D, protos_PxD, t, tau)
+  return jax.vmap(jax.grad(loss))(class_protos_CxD[targets_B], feats_BxD, targets_B)
+
+
+def per_sample_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, *, wrt="ood", tau=1.0):
+  """Per-sample gradient of the NCP loss w.r.t. p_ood (wrt="ood") or p_target ("class"): (B, D).
+
+  targets_B are class indices in [0, C) (the classifier's predictions).
+  Memory: B*(C+1)*D floats for the differences h - p_j.
+  """
+  _check(wrt)
+  return _per_sample_grads(jnp.asarray(feats_BxD, jnp.float32),
+                           jnp.asarray(class_protos_CxD, jnp.float32),
+                           jnp.asarray(ood_proto_D, jnp.float32),
+                           jnp.asarray(targets_B, jnp.int32), jnp.float32(tau), wrt=wrt)
+
+
+@functools.partial(jax.jit, static_argnames=("wrt",))
+def _closed_form(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, tau, wrt):
+  protos_PxD = jnp.concatenate([class_protos_CxD, ood_proto_D[None, :]], axis=0)
+  diff_BxPxD = feats_BxD[:, None, :] - protos_PxD[None, :, :]
+  dist_BxP = safe_norm(diff_BxPxD)
+  pi_BxP = jax.nn.softmax(-dist_BxP / tau, axis=-1)
+  if wrt == "ood":
+    d_BxD, n_B, coef_B = diff_BxPxD[:, -1], dist_BxP[:, -1], pi_BxP[:, -1] / tau
+  else:
+    b = jnp.arange(feats_BxD.shape[0])
+    d_BxD, n_B = diff_BxPxD[b, targets_B], dist_BxP[b, targets_B]
+    coef_B = (pi_BxP[b, targets_B] - 1.0) / tau
+  unit_BxD = jnp.where(n_B[:, None] > 0, d_BxD / jnp.where(n_B > 0, n_B, 1.0)[:, None], 0.0)
+  return coef_B[:, None] * unit_BxD
+
+
+def closed_form_grad_ood(feats_BxD, class_protos_CxD, ood_proto_D, *, tau=1.0):
+  """(pi_ood / tau) * (h - p_ood) / ||h - p_ood||, 0 where h == p_ood: (B, D)."""
+  b = jnp.zeros((np.shape(feats_BxD)[0],), jnp.int32)
+  return _closed_form(jnp.asarray(feats_BxD, jnp.float32), jnp.asarray(class_protos_CxD, jnp.float32),
+                      jnp.asarray(ood_proto_D, jnp.float32), b, jnp.float32(tau), wrt="ood")
+
+
+def closed_form_grad_class(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, *, tau=1.0):
+  """((pi_y - 1) / tau) * (h - p_y) / ||h - p_y||, 0 where h == p_y: (B, D)."""
+  return _closed_form(jnp.asarray(feats_BxD, jnp.float32), jnp.asarray(class_protos_CxD, jnp.float32),
+                      jnp.asarray(ood_proto_D, jnp.float32), jnp.asarray(targets_B, jnp.int32),
+                      jnp.float32(tau), wrt="class")
+
+
+def default_batch_size(num_protos: int, dim: int, max_elems: int = 1 << 25) -> int:
+  """Largest power-of-two batch (16 .. 1024) whose B*P*D differences stay under max_elems."""
+  bs = 1024
+  while bs > 16 and bs * num_protos * dim > max_elems:
+    bs //= 2
+  return bs
+
+
+def batched_grads(feats_NxD, class_protos_CxD, ood_proto_D, targets_N, *, wrt="ood", tau=1.0,
+                  method="autodiff", batch_size: int | None = None) -> np.ndarray:
+  """Per-sample gradients of N samples in fixed-size padded batches: numpy float32 (N, D).
+
+  Every batch has the same shape, so the jitted gradient compiles once.
+  """
+  _check(wrt, method)
+  feats_NxD = np.asarray(feats_NxD, np.float32)
+  targets_N = np.asarray(targets_N, np.int32)
+  n, d = feats_NxD.shape
+  if n == 0:
+    return np.zeros((0, d), np.float32)
+  protos = jnp.asarray(class_protos_CxD, jnp.float32)
+  ood = jnp.asarray(ood_proto_D, jnp.float32)
+  bs = min(batch_size or default_batch_size(protos.shape[0] + 1, d), n)
+  fn = _per_sample_grads if method == "autodiff" else _closed_form
+  out = np.empty((n, d), np.float32)
+  for start, stop in batches(n, bs):
+    g = fn(jnp.asarray(pad_batch(feats_NxD[start:stop], bs)), protos, ood,
+           jnp.asarray(pad_batch(targets_N[start:stop], bs)), jnp.float32(tau), wrt=wrt)
+    out[start:stop] = np.asarray(g)[:stop - start]
+  return out

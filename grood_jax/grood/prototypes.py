@@ -1,0 +1,103 @@
+"""Prototypes: class means of the penultimate features, early class means, the OOD prototype.
+
+All three live in one pytree (`Prototypes`) so they can be saved, sharded and differentiated
+as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from grood_jax.features import batches, pad_batch
+
+
+@struct.dataclass
+class Prototypes:
+  class_protos_CxD: jax.Array
+  ood_proto_D: jax.Array
+  early_protos_CxF: jax.Array | None = None
+
+  @property
+  def all_protos_PxD(self) -> jax.Array:
+    """The C+1 prototypes of the NCP loss: (p_1 .. p_C, p_ood)."""
+    return jnp.concatenate([self.class_protos_CxD, self.ood_proto_D[None, :]], axis=0)
+
+
+def _check_labels(labels_N: np.ndarray, num_classes: int) -> np.ndarray:
+  labels_N = np.asarray(labels_N)
+  if labels_N.ndim != 1:
+    raise ValueError(f"labels must be 1-D, got shape {labels_N.shape}")
+  if labels_N.size and (labels_N.min() < 0 or labels_N.max() >= num_classes):
+    raise ValueError(f"labels must lie in [0, {num_classes}), got range "
+                     f"[{labels_N.min()}, {labels_N.max()}]")
+  counts_C = np.bincount(labels_N, minlength=num_classes)
+  empty = np.flatnonzero(counts_C == 0)
+  if empty.size:
+    raise ValueError(f"class(es) {empty.tolist()} have no training samples: their prototype is "
+                     "undefined; give every class at least one sample")
+  return labels_N.astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def _segment_sums(x_NxF, labels_N, num_classes):
+  """Per-class sums and counts; labels equal to num_classes (padding) are dropped."""
+  sums = jax.ops.segment_sum(x_NxF, labels_N, num_segments=num_classes + 1)
+  counts = jax.ops.segment_sum(jnp.ones_like(labels_N, jnp.float32), labels_N,
+                               num_segments=num_classes + 1)
+  return sums[:num_classes], counts[:num_classes]
+
+
+def class_means(feats_NxD, labels_N, num_classes: int) -> jax.Array:
+  """Plain mean of the features of each TRUE-label class: (C, D) float32.
+
+  Raises ValueError when a class has no sample (its prototype would be undefined).
+  """
+  labels_N = _check_labels(labels_N, num_classes)
+  sums_CxD, counts_C = _segment_sums(jnp.asarray(feats_NxD, jnp.float32), jnp.asarray(labels_N),
+                                     num_classes)
+  return sums_CxD / counts_C[:, None]
+
+
+def early_class_means(fns, params, images_u8: np.ndarray, labels_N, num_classes: int, *,
+                      mean, std, batch_size: int = 256) -> jax.Array:
+  """Class means of the flattened early feature map, streamed over the images: (C, F).
+
+  Memory stays at one batch of early maps plus the (C, F) sums, whatever the data set size
+  (the full (N, F) early matrix of a CIFAR/ImageNet train set would not fit).
+  """
+  from grood_jax.data.base import normalize
+  labels_N = _check_labels(labels_N, num_classes)
+  bs = min(batch_size, len(images_u8))
+
+  @jax.jit
+  def batch_sums(x, lab):
+    e = fns.early(params, x)
+    return _segment_sums(e.reshape(e.shape[0], -1).astype(jnp.float32), lab, num_classes)
+
+  total, counts = None, None
+  for start, stop in batches(len(images_u8), bs):
+    xb = pad_batch(images_u8[start:stop], bs)
+    lab = np.full((bs,), num_classes, np.int32)    # padding rows go to the dropped segment
+    lab[:stop - start] = labels_N[start:stop]
+    s, c = batch_sums(jnp.asarray(normalize(xb, mean, std)), jnp.asarray(lab))
+    total = s if total is None else total + s
+    counts = c if counts is None else counts + c
+  return total / counts[:, None]
+
+
+def nearest_prototype(feats_NxD, protos_CxD) -> np.ndarray:
+  """NCP prediction argmin_c ||h - p_c||: (N,) int32."""
+  return np.asarray(_nearest(jnp.asarray(feats_NxD, jnp.float32),
+                             jnp.asarray(protos_CxD, jnp.float32)))
+
+
+@jax.jit
+def _nearest(feats_NxD, protos_CxD):
+  d_NxC = (jnp.sum(protos_CxD ** 2, -1)[None, :]
+           - 2.0 * jnp.matmul(feats_NxD, protos_CxD.T, precision=jax.lax.Precision.HIGHEST))
+  return jnp.argmin(d_NxC, axis=-1).astype(jnp.int32)

@@ -15,7 +15,7 @@ _MODULES = [
     "grood_jax.detectors.odin", "grood_jax.detectors.mahalanobis", "grood_jax.detectors.knn",
     "grood_jax.detectors.vim", "grood_jax.detectors.react", "grood_jax.detectors.ash",
     "grood_jax.detectors.gradnorm", "grood_jax.detectors.she", "grood_jax.detectors.gen",
-    "grood_jax.detectors.fdbd",
+    "grood_jax.detectors.fdbd", "grood_jax.detectors.lowdim",
 ]
 
 for _m in _MODULES:

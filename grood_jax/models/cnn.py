@@ -25,15 +25,15 @@ class SmallCNN(nnx.Module):
     self.in_channels = in_channels
     w = width
     self.conv1 = nnx.Conv(in_channels, w, (3, 3), use_bias=False, rngs=rngs)
-    self.bn1 = nnx.BatchNorm(w, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(w, momentum=0.9, rngs=rngs)
     self.conv2 = nnx.Conv(w, w, (3, 3), use_bias=False, rngs=rngs)
-    self.bn2 = nnx.BatchNorm(w, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(w, momentum=0.9, rngs=rngs)
     self.conv3 = nnx.Conv(w, 2 * w, (3, 3), use_bias=False, rngs=rngs)
-    self.bn3 = nnx.BatchNorm(2 * w, rngs=rngs)
+    self.bn3 = nnx.BatchNorm(2 * w, momentum=0.9, rngs=rngs)
     self.conv4 = nnx.Conv(2 * w, 2 * w, (3, 3), use_bias=False, rngs=rngs)
-    self.bn4 = nnx.BatchNorm(2 * w, rngs=rngs)
+    self.bn4 = nnx.BatchNorm(2 * w, momentum=0.9, rngs=rngs)
     self.conv5 = nnx.Conv(2 * w, feature_dim, (3, 3), use_bias=False, rngs=rngs)
-    self.bn5 = nnx.BatchNorm(feature_dim, rngs=rngs)
+    self.bn5 = nnx.BatchNorm(feature_dim, momentum=0.9, rngs=rngs)
     self.fc = nnx.Linear(feature_dim, num_classes, rngs=rngs)
 
   def early(self, x: jax.Array) -> jax.Array:

@@ -1,0 +1,316 @@
+"""Checkpoints: the one place in grood_jax that talks to orbax.
+
+Layout of a training work directory::
+
+  workdir/
+    checkpoints/<step>/     one orbax CheckpointManager step (the last 3 are kept; atomic)
+      model/                NNX model state: parameters and BatchNorm statistics
+      opt_state/            optimizer state (optax state + step counter); absent if None
+      config/               the training config, JSON of `config.to_dict()`
+      extra/                JSON: data-iterator state, anything the trainer needs to resume
+      meta/                 JSON: format marker, step, model name / kwargs / classes / channels
+    metrics.jsonl
+
+`save` writes a step, `restore_training` resumes a model and optimizer in place, `load_model`
+rebuilds a model (eval mode) from the saved config alone. Arrays are restored onto the
+shardings of the target (the current model's arrays, by default the current default device),
+so a checkpoint written on N devices restores on any other device count.
+
+Every failure is a `CheckpointError` (a ValueError) with a one-line message. When the newest
+step cannot be read, restoring falls back to the previous readable step with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+FORMAT = "grood_jax"
+VERSION = 1
+MAX_TO_KEEP = 3
+_SUBDIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  """A missing, empty, foreign or unreadable checkpoint; the message says which and where."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _ckpt_root(path) -> str:
+  """workdir -> workdir/checkpoints (a path that already is the checkpoints dir is kept)."""
+  path = os.path.abspath(os.fspath(path))      # orbax needs absolute paths
+  sub = os.path.join(path, _SUBDIR)
+  return sub if os.path.isdir(sub) else path
+
+
+def _manager(root: str, read_only: bool) -> ocp.CheckpointManager:
+  # Readers open the manager without `create` (orbax's read_only mode only logs warnings).
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=None if read_only else MAX_TO_KEEP, create=not read_only,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(root, options=options)
+
+
+def _str_keys(tree):
+  """Pure dict with int keys (nnx.List indices) -> str keys (orbax/JSON friendly)."""
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def _pure(state) -> dict:
+  return _str_keys(nnx.to_pure_dict(state))
+
+
+def _abstract(tree):
+  """Concrete arrays -> ShapeDtypeStructs carrying the same sharding (the restore target)."""
+  def one(x):
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+  return jax.tree.map(one, tree)
+
+
+def _jsonable(obj):
+  """A JSON-round-tripped copy (tuples -> lists, numpy scalars -> Python numbers)."""
+  def default(o):
+    if hasattr(o, "tolist"):
+      return o.tolist()
+    if isinstance(o, ml_collections.ConfigDict):
+      return o.to_dict()
+    raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
+  return json.loads(json.dumps(obj, default=default))
+
+
+def _optimizer_state(optimizer):
+  if optimizer is None:
+    return None
+  if isinstance(optimizer, nnx.Optimizer):
+    return nnx.state(optimizer)
+  return optimizer
+
+
+def _list_steps(root: str) -> list[int]:
+  """Finalised steps in `root`, oldest first; CheckpointError for a missing/empty directory."""
+  if not os.path.exists(root):
+    raise CheckpointError(f"checkpoint path {root} does not exist")
+  if not os.path.isdir(root):
+    raise CheckpointError(f"checkpoint path {root} is not a directory")
+  steps = sorted(int(d) for d in os.listdir(root)
+                 if d.isdigit() and os.path.isdir(os.path.join(root, d)))
+  if not steps:
+    raise CheckpointError(f"no checkpoint in {root} (the directory holds no saved step)")
+  return steps
+
+
+def _first_line(e: BaseException) -> str:
+  msg = str(e).strip().splitlines()
+  msg = msg[0].split(" See full TensorStore details")[0][:200] if msg else ""
+  return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def _read_step(root: str, step: int, items: dict[str, Any]) -> dict[str, Any]:
+  """Restore `items` (name -> ocp.args restore arg) of one step; CheckpointError on failure."""
+  step_dir = os.path.join(root, str(step))
+  if not os.path.isdir(os.path.join(step_dir, "meta")):
+    raise CheckpointError(f"{step_dir} is not a grood_jax checkpoint (no 'meta' item)")
+  for name in items:
+    if not os.path.isdir(os.path.join(step_dir, name)):
+      raise CheckpointError(f"checkpoint step {step} in {root} lacks the '{name}' item")
+  mngr = _manager(root, read_only=True)
+  result = {}
+  try:
+    # One item at a time, so that an error names the damaged item.
+    for name, arg in [("meta", ocp.args.JsonRestore()), *items.items()]:
+      try:
+        result[name] = mngr.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
+      except Exception as e:   # orbax / tensorstore / json raise many types for damaged files
+        raise CheckpointError(
+            f"checkpoint step {step} in {root}: item '{name}' ({os.path.join(step_dir, name)}) "
+            f"is unreadable: {_first_line(e)}") from e
+      if name == "meta" and (not isinstance(result["meta"], dict)
+                             or result["meta"].get("format") != FORMAT):
+        raise CheckpointError(f"{step_dir} is not a grood_jax checkpoint (bad 'meta')")
+    return result
+  finally:
+    mngr.close()
+
+
+def _read_latest_good(root: str, items_fn) -> tuple[int, dict[str, Any]]:
+  """Newest readable step; warns for each newer step that could not be read."""
+  steps = _list_steps(root)
+  errors = []
+  for step in reversed(steps):
+    try:
+      result = _read_step(root, step, items_fn())
+    except CheckpointError as e:
+      errors.append(e)
+      continue
+    for e in errors:
+      warnings.warn(f"{e}; falling back to step {step}", stacklevel=3)
+    return step, result
+  if len(errors) == 1:
+    raise errors[0]
+  raise CheckpointError(f"none of the {len(steps)} checkpoint steps in {root} is readable; "
+                        f"newest: {errors[0]}")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def save(workdir, step: int, model: nnx.Module, optimizer_state, config, extra: dict | None = None
+         ) -> bool:
+  """Saves one step in `workdir/checkpoints` (keeps the last 3). Returns False if `step` exists.
+
+  `optimizer_state` may be an `nnx.Optimizer`, any pytree of arrays, or None. `extra` must be
+  JSON-serialisable (numpy scalars/arrays are converted).
+  """
+  root = os.path.join(os.path.abspath(os.fspath(workdir)), _SUBDIR)
+  model_cfg = config.get("model", {}) if config is not None else {}
+  meta = {
+      "format": FORMAT, "version": VERSION, "step": int(step),
+      "model": {
+          "name": model_cfg.get("name"),
+          "kwargs": _jsonable(dict(model_cfg.get("kwargs", {}) or {})),
+          "num_classes": int(model.num_classes),
+          "in_channels": int(getattr(model, "in_channels", 1)),
+      },
+  }
+  items = dict(
+      model=ocp.args.StandardSave(_pure(nnx.state(model))),
+      config=ocp.args.JsonSave(_jsonable(config.to_dict() if config is not None else {})),
+      extra=ocp.args.JsonSave(_jsonable(dict(extra or {}))),
+      meta=ocp.args.JsonSave(meta),
+  )
+  opt_state = _optimizer_state(optimizer_state)
+  if opt_state is not None:
+    items["opt_state"] = ocp.args.StandardSave(_pure(opt_state))
+  mngr = _manager(root, read_only=False)
+  try:
+    if int(step) in mngr.all_steps():
+      return False
+    try:
+      saved = mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
+      mngr.wait_until_finished()
+    except Exception as e:
+      raise CheckpointError(f"could not save step {step} to {root}: {_first_line(e)}") from e
+    return bool(saved)
+  finally:
+    mngr.close()
+
+
+def latest_step(workdir) -> int | None:
+  """Newest saved step in `workdir` (or a checkpoints directory); None when there is none."""
+  root = _ckpt_root(workdir)
+  try:
+    return _list_steps(root)[-1]
+  except CheckpointError:
+    return None
+
+
+def restore_training(workdir, model: nnx.Module, optimizer=None) -> tuple[int, dict]:
+  """Restores model and optimizer state in place from the newest readable step.
+
+  `optimizer` is an `nnx.Optimizer` (updated in place) or None. Returns (step, extra).
+  """
+  root = _ckpt_root(workdir)
+  model_state = nnx.state(model)
+  opt_state = _optimizer_state(optimizer)
+
+  def items():
+    d = dict(model=ocp.args.StandardRestore(_abstract(_pure(model_state))),
+             extra=ocp.args.JsonRestore())
+    if opt_state is not None:
+      d["opt_state"] = ocp.args.StandardRestore(_abstract(_pure(opt_state)))
+    return d
+
+  step, out = _read_latest_good(root, items)
+  try:
+    nnx.replace_by_pure_dict(model_state, out["model"])
+    nnx.update(model, model_state)
+    if opt_state is not None:
+      nnx.replace_by_pure_dict(opt_state, out["opt_state"])
+      nnx.update(optimizer, opt_state)
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"checkpoint step {step} in {root} does not match the model/optimizer:"
+                          f" {_first_line(e)}") from e
+  return step, dict(out["extra"] or {})
+
+
+def load_config(ckpt_dir, step: int | None = None) -> ml_collections.ConfigDict:
+  """The training config saved with a checkpoint (newest step unless `step` is given)."""
+  root = _ckpt_root(ckpt_dir)
+  steps = _list_steps(root)
+  step = steps[-1] if step is None else step
+  out = _read_step(root, step, {"config": ocp.args.JsonRestore()})
+  return ml_collections.ConfigDict(out["config"])
+
+
+def load_model(ckpt_dir, step: int | None = None
+               ) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+  """Rebuilds the model from a checkpoint: (model in eval mode, config, step).
+
+  `ckpt_dir` is a training work directory or its `checkpoints` directory. The newest readable
+  step is used unless `step` is given. Arrays land on the current default device.
+  """
+  from grood_jax.models import build_model   # local import: models do not depend on us
+
+  root = _ckpt_root(ckpt_dir)
+  steps = _list_steps(root)
+  if step is not None and step not in steps:
+    raise CheckpointError(f"no step {step} in {root} (steps: {steps})")
+
+  def build(meta):
+    m = meta.get("model") or {}
+    if not m.get("name"):
+      raise CheckpointError(f"checkpoint in {root} does not name its model")
+    try:
+      return build_model(m["name"], num_classes=int(m["num_classes"]),
+                         in_channels=int(m["in_channels"]), seed=0, **(m.get("kwargs") or {}))
+    except (ValueError, TypeError) as e:
+      raise CheckpointError(f"cannot rebuild model {m['name']!r} from {root}: "
+                            f"{_first_line(e)}") from e
+
+  def read(s):
+    # Two reads: the meta says which model to build, the model is the restore target.
+    meta = _read_step(root, s, {})["meta"]
+    model = build(meta)
+    state = nnx.state(model)
+    out = _read_step(root, s, {"model": ocp.args.StandardRestore(_abstract(_pure(state))),
+                               "config": ocp.args.JsonRestore()})
+    try:
+      nnx.replace_by_pure_dict(state, out["model"])
+    except (ValueError, KeyError) as e:
+      raise CheckpointError(f"checkpoint step {s} in {root} does not match model "
+                            f"{meta['model']['name']!r}: {_first_line(e)}") from e
+    nnx.update(model, state)
+    model.eval()
+    return model, ml_collections.ConfigDict(out["config"])
+
+  if step is not None:
+    model, config = read(step)
+    return model, config, step
+  errors = []
+  for s in reversed(steps):
+    try:
+      model, config = read(s)
+    except CheckpointError as e:
+      errors.append(e)
+      continue
+    for e in errors:
+      warnings.warn(f"{e}; falling back to step {s}", stacklevel=2)
+    return model, config, s
+  if len(errors) == 1:
+    raise errors[0]
+  raise CheckpointError(f"none of the {len(steps)} checkpoint steps in {root} is readable; "
+                        f"newest: {errors[0]}")

@@ -1,0 +1,46 @@
+"""Shared defaults of every training config (configs/*.py start from `base_config()`).
+
+Config files are loaded by path (ml_collections `config_flags`), so the shared part lives in
+the library rather than next to them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field `train()` reads, with defaults. Unlocked: files set theirs, then lock."""
+  c = ml_collections.ConfigDict()
+  c.benchmark = "fashion_mnist"
+  c.data_dir = ml_collections.config_dict.placeholder(str)   # None: the usual data roots
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cnn"
+  c.model.kwargs = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128
+  c.num_epochs = 5
+  c.optimizer = "adamw"             # "adamw" | "sgd" (momentum, nesterov)
+  c.learning_rate = 3e-3            # peak of the warmup-cosine schedule
+  c.momentum = 0.9                  # sgd only
+  c.weight_decay = 5e-4             # decoupled for adamw, L2-like for sgd; kernels only
+  c.warmup_epochs = 0.5
+  c.augment = False
+  c.loss = "ce"                     # see grood_jax.training.losses
+  c.label_smoothing = 0.0
+  c.checkpoint_every_steps = 1000
+  c.eval_batch_size = 500
+  c.max_train_samples = 0           # > 0: use only the first N training images (smoke runs)
+  c.max_eval_samples = 0            # > 0: evaluate on the first N images of each split
+  c.log_every_steps = 20            # progress-bar refresh (a host sync)
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A variant that runs end to end in seconds on CPU (tests, `:smoke`)."""
+  c.num_epochs = 1
+  c.max_train_samples = 2048
+  c.max_eval_samples = 1000
+  c.checkpoint_every_steps = 8
+  c.warmup_epochs = 0.1
+  return c

@@ -33,6 +33,12 @@ def parse_args(argv=None):
                  help="choose each detector's parameters on ID val vs OOD val (refitting each)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--data-dir", help="where local data sets live")
+  p.add_argument("--data", choices=["openood", "tfds"], default="openood",
+                 help="where cifar10/cifar100/imagenet200/imagenet1k are read from (default: %(default)s)")
+  p.add_argument("--data-root", help="OpenOOD v1.5 data folder (benchmark_imglist/, images_classic/, "
+                 "images_largescale/); default: searched in --data-dir")
+  p.add_argument("--max-per-set", type=int, help="seeded random subset of at most N images per set "
+                 "(ImageNet-scale sets)")
   p.add_argument("--batch-size", type=int, default=512)
   p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
   p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
@@ -114,6 +120,8 @@ def run(args) -> int:
       raise DetectorError(f"--param {det}.*: detector {det!r} is not among --detectors {names}")
     make_detector(det, **params)  # validates parameter names now, before any work
   extra = [parse_ood_spec(s) for s in args.ood]
+  from grood_jax.data import openood
+  openood.configure(source=args.data, data_root=args.data_root, max_per_set=args.max_per_set)
   out = args.out or os.path.join(args.ckpt[0], "report")
   _check_writable(out)
   opts = ScoreOptions(detectors=names, benchmark=args.benchmark, extra_ood=extra,

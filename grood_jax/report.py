@@ -34,10 +34,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from grood_jax.fileio import atomic_write, atomic_write_text
 
 from grood_jax import metrics as _metrics
 
@@ -371,29 +372,6 @@ def to_markdown(results: Mapping) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path, write: Callable[[io.BufferedWriter], None]) -> str:
-  """Calls write(f) on a temporary file beside `path`, then renames it over `path`."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
-  return path
-
-
-def _atomic_write_text(path, text: str) -> str:
-  return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _json_default(o):
@@ -416,7 +394,7 @@ def write_json(results: Mapping, path) -> str:
     text.write("\n")
     text.flush()
     text.detach()
-  return _atomic_write(path, write)
+  return atomic_write(path, write)
 
 
 CSV_FIELDS = ("detector", "set", "group", "metric", "value", "std")
@@ -462,7 +440,7 @@ def to_csv(results: Mapping, path) -> str:
   for r in csv_rows(results):
     w.writerow({**r, "value": repr(r["value"]),
                 "std": "" if r["std"] is None else repr(r["std"])})
-  return _atomic_write_text(path, buf.getvalue())
+  return atomic_write_text(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- plots
@@ -474,7 +452,7 @@ def _new_figure(figsize):
 
 
 def _save_png(fig, path) -> str:
-  return _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+  return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def plot_roc(curves: Mapping[str, Mapping[str, np.ndarray]], path,
@@ -664,7 +642,7 @@ def to_html(results: Mapping, images: Iterable = ()) -> str:
 
 def write_html(results: Mapping, path, images: Iterable = ()) -> str:
   """Writes `to_html(results, images)` to `path` (atomically); returns the path."""
-  return _atomic_write_text(path, to_html(results, images))
+  return atomic_write_text(path, to_html(results, images))
 
 
 # --------------------------------------------------------------------------- all at once
@@ -691,7 +669,7 @@ def write_report(results: Mapping, out_dir, scores: Mapping | None = None) -> li
     raise PermissionError(f"report directory {out_dir!r} is not writable")
   j = lambda name: os.path.join(out_dir, name)
   paths = [write_json(results, j("results.json")), to_csv(results, j("results.csv")),
-           _atomic_write_text(j("results.md"), to_markdown(results))]
+           atomic_write_text(j("results.md"), to_markdown(results))]
   images = []
   if scores:
     top = [n for n in sorted_detectors(results) if n in scores][:3]

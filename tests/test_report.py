@@ -237,7 +237,7 @@ def test_atomic_write_keeps_old_file(tmp_path, monkeypatch):
   html_before = (out / "report.html").read_bytes()
 
   def broken_save(fig, p):
-    return R._atomic_write(p, lambda f: (f.write(b"\x89PNG garbage"), 1 / 0))
+    return R.atomic_write(p, lambda f: (f.write(b"\x89PNG garbage"), 1 / 0))
 
   monkeypatch.setattr(R, "_save_png", broken_save)
   with pytest.raises(ZeroDivisionError):

@@ -61,3 +61,19 @@ def test_registry_and_seed():
     np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
   with pytest.raises(ValueError, match="unknown model"):
     build_model("nope", 10)
+
+
+def test_dense_cnn_interface_and_features():
+  import numpy as np
+  from flax import nnx
+  from grood_jax.models.cnn import DenseCNN
+  m = DenseCNN(num_classes=6, width=4, feature_dim=16, rngs=nnx.Rngs(0))
+  m.eval()
+  x = np.random.default_rng(0).normal(size=(3, 28, 28, 1)).astype(np.float32)
+  h = m.from_early(m.early(x))
+  assert h.shape == (3, 16) and float(h.min()) >= 0.0          # post-ReLU penultimate
+  np.testing.assert_allclose(np.asarray(m.head(h)), np.asarray(m(x)), rtol=1e-6, atol=1e-6)
+  # the head is the affine map h -> h W + b
+  np.testing.assert_allclose(np.asarray(m.head(h)),
+                             np.asarray(h) @ np.asarray(m.fc.kernel[...]) + np.asarray(m.fc.bias[...]),
+                             rtol=1e-5, atol=1e-5)

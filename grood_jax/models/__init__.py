@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from flax import nnx
 
-from grood_jax.models.cnn import SmallCNN
+from grood_jax.models.cnn import DenseCNN, SmallCNN
 from grood_jax.models.resnet import ResNet18, ResNet50
 
-_MODELS = {"cnn": SmallCNN, "resnet18": ResNet18, "resnet50": ResNet50}
+_MODELS = {"cnn": SmallCNN, "cnn_dense": DenseCNN, "resnet18": ResNet18, "resnet50": ResNet50}
 
 
 def register_model(name: str, cls) -> None:

@@ -53,3 +53,36 @@ class SmallCNN(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.head(self.from_early(self.early(x)))
+
+
+class DenseCNN(nnx.Module):
+  """Two conv layers and a dense penultimate layer (the classic MNIST-tutorial CNN).
+
+  conv(width)-ReLU-pool | conv(2·width)-ReLU-pool-flatten-dense(feature_dim)-ReLU | dense.
+  No BatchNorm. The penultimate feature is the post-ReLU dense layer (no global pooling), as
+  in the independent minimal implementation the foundation issue quotes as a reference point.
+  """
+
+  def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32,
+               feature_dim: int = 128, image_size: int = 28, *, rngs: nnx.Rngs):
+    self.num_classes = num_classes
+    self.feature_dim = feature_dim
+    self.in_channels = in_channels
+    self.conv1 = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
+    side = image_size // 4
+    self.fc1 = nnx.Linear(side * side * 2 * width, feature_dim, rngs=rngs)
+    self.fc = nnx.Linear(feature_dim, num_classes, rngs=rngs)
+
+  def early(self, x: jax.Array) -> jax.Array:
+    return nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
+
+  def from_early(self, e: jax.Array) -> jax.Array:
+    x = nnx.max_pool(nnx.relu(self.conv2(e)), (2, 2), strides=(2, 2))
+    return nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))
+
+  def head(self, h: jax.Array) -> jax.Array:
+    return self.fc(h)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.head(self.from_early(self.early(x)))

@@ -15,13 +15,22 @@ import os
 import sys
 import time
 import traceback
+import warnings
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with a one-line error (`error: ...`, exit status 2) instead of usage + error."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--ckpt", nargs="+", help="checkpoint directory (a train.py --workdir); several "
                  "give mean ± std")
-  p.add_argument("--out", help="report directory (default: <ckpt>/report)")
+  p.add_argument("--out", help="report directory (default: <ckpt>/report); created only once "
+                 "every input has been checked")
   p.add_argument("--detectors", default="grood,msp,energy,knn",
                  help="comma-separated detector names, or 'all' (default: %(default)s)")
   p.add_argument("--benchmark", help="benchmark name (default: the checkpoint's)")
@@ -45,7 +54,7 @@ def parse_args(argv=None):
   p.add_argument("--list-detectors", action="store_true", help="list detectors and exit")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() first (multi-host TPU/GPU)")
-  p.add_argument("--debug", action="store_true", help="show tracebacks")
+  p.add_argument("--debug", action="store_true", help="show the traceback of any error")
   return p.parse_args(argv)
 
 
@@ -77,42 +86,73 @@ def list_detectors() -> str:
   return "\n".join(lines)
 
 
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return text or type(e).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+  """Warnings (e.g. a checkpoint step that fell back) as one line `warning: ...`."""
+  del category, filename, lineno, file, line
+  print(f"warning: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
-  args = parse_args(argv)
+  """The command line. Exit status: 0 done, 2 bad input (one line `error: ...` on stderr,
+  nothing written), 1 an internal failure (traceback, or one line for a model/detector that
+  produced NaN/Inf scores), 130 interrupted. `--debug` shows the traceback of any error."""
   try:
-    return run(args)
+    args = parse_args(argv)
+  except SystemExit as e:        # --help (0) or a bad command line (2), already printed
+    return e.code if isinstance(e.code, int) else 0
+  try:
+    with warnings.catch_warnings():
+      warnings.showwarning = _show_warning
+      return run(args)
   except KeyboardInterrupt:
     print("interrupted; the previous report (if any) is intact", file=sys.stderr)
     return 130
   except Exception as e:  # noqa: BLE001 - the CLI turns errors into one line
-    from grood_jax.errors import USER_ERRORS
-    if args.debug or not isinstance(e, USER_ERRORS):
+    from grood_jax.errors import USER_ERRORS, ScoringError
+    if args.debug:
       traceback.print_exc()
-      if not isinstance(e, USER_ERRORS):
-        return 1
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
+    if isinstance(e, USER_ERRORS):
+      print(f"error: {_one_line(e)}", file=sys.stderr)
+      return 2
+    if isinstance(e, ScoringError):
+      print(f"error: {_one_line(e)}" + ("" if args.debug else " (--debug shows the traceback)"),
+            file=sys.stderr)
+      return 1
+    if not args.debug:
+      traceback.print_exc()
+    print(f"error: internal error ({type(e).__name__}: {_one_line(e)}); please report it with "
+          "the traceback above", file=sys.stderr)
+    return 1
 
 
 def run(args) -> int:
   if args.distributed:
     import jax
     jax.distributed.initialize()
+  from grood_jax.checkpoint import CheckpointError
   from grood_jax.detectors import DetectorError, make_detector, parse_detectors
   from grood_jax.data import parse_ood_spec
   from grood_jax import report
-  from grood_jax.scoring import ScoreOptions, score_checkpoint
+  from grood_jax.scoring import ScoreOptions, prepare_checkpoint, score_prepared
 
   if args.list_detectors:
     print(list_detectors())
     return 0
+  # 1. Check every input before anything is written (and before any slow work).
   if not args.ckpt:
-    raise DetectorError("--ckpt is required (a directory written by train.py --workdir)")
+    raise CheckpointError("--ckpt is required (a directory written by train.py --workdir)")
   for c in args.ckpt:
-    if not os.path.isdir(c):
-      from grood_jax.checkpoint import CheckpointError
+    if not os.path.exists(c):
       raise CheckpointError(f"--ckpt {c}: no such directory; give a train.py --workdir")
+    if not os.path.isdir(c):
+      raise CheckpointError(f"--ckpt {c}: a file, not a directory; give a train.py --workdir")
+  if args.batch_size < 1:
+    raise DetectorError(f"--batch-size {args.batch_size}: must be at least 1")
   names = parse_detectors(args.detectors)
   overrides = parse_param_overrides(args.param)
   for det, params in overrides.items():
@@ -123,38 +163,57 @@ def run(args) -> int:
   from grood_jax.data import openood
   openood.configure(source=args.data, data_root=args.data_root, max_per_set=args.max_per_set)
   out = args.out or os.path.join(args.ckpt[0], "report")
-  _check_writable(out)
+  check_writable(out)            # creates nothing
   opts = ScoreOptions(detectors=names, benchmark=args.benchmark, extra_ood=extra,
                       select=args.select, detector_params=overrides, data_dir=args.data_dir,
                       seed=args.seed, batch_size=args.batch_size,
                       cache_dir=None if args.no_cache else os.path.join(out, "cache"))
-  log = lambda s: print(f"  {s}", file=sys.stderr, flush=True)  # noqa: E731
-  runs = []
   t0 = time.time()
-  for i, ckpt in enumerate(args.ckpt):
-    print(f"[{i + 1}/{len(args.ckpt)}] scoring {ckpt} ...", file=sys.stderr, flush=True)
-    runs.append(score_checkpoint(ckpt, opts, log=log))
+  benchmarks: dict = {}
+  prepared = [prepare_checkpoint(c, opts, benchmarks=benchmarks) for c in args.ckpt]
+
+  # 2. Work: the feature cache (--out/cache) is the first thing written.
+  log = lambda s: print(f"  {s}", file=sys.stderr, flush=True)  # noqa: E731
+  runs, timings = [], []
+  for i, prep in enumerate(prepared):
+    print(f"[{i + 1}/{len(prepared)}] scoring {prep.ckpt_dir} ...", file=sys.stderr, flush=True)
+    timing: dict = {}
+    runs.append(score_prepared(prep, opts, log=log, timing=timing))
+    timings.append({"checkpoint": os.path.abspath(prep.ckpt_dir), **timing})
   if len(runs) == 1:
     results, scores = runs[0]
   else:
     results = report.aggregate_runs([r for r, _ in runs])
     scores = runs[0][1]
-  results.setdefault("timing", {})["total_s"] = time.time() - t0
   print(report.format_table(results))
   paths = report.write_report(results, out, scores=None if args.no_plots else scores)
+  # Wall-clock times live beside results.json, so that results.json is reproducible.
+  timing_doc = {"total_s": time.time() - t0, "runs": timings}
+  paths.append(report.write_json(timing_doc, os.path.join(out, "timing.json")))
   print(f"report: {os.path.join(out, 'report.html')} ({len(paths)} files) in "
         f"{time.time() - t0:.1f}s", file=sys.stderr)
   return 0
 
 
-def _check_writable(out: str) -> None:
+def check_writable(out: str) -> None:
+  """OutputError unless `out` is (or can be created as) a writable directory. Creates nothing."""
   from grood_jax.errors import OutputError
-  try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise OutputError(f"--out {out}: cannot create the directory ({e.strerror})") from None
-  if not os.access(out, os.W_OK):
-    raise OutputError(f"--out {out}: the directory is not writable; choose another --out")
+  path = os.path.abspath(out)
+  if os.path.exists(path):
+    if not os.path.isdir(path):
+      raise OutputError(f"--out {out}: a file, not a directory; choose another --out")
+    if not os.access(path, os.W_OK | os.X_OK):
+      raise OutputError(f"--out {out}: the directory is not writable; choose another --out")
+    return
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise OutputError(f"--out {out}: cannot create the directory, {parent} is a file; choose "
+                      "another --out")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise OutputError(f"--out {out}: cannot create the directory, {parent} is not writable; "
+                      "choose another --out")
 
 
 if __name__ == "__main__":

@@ -54,9 +54,12 @@ def _ckpt_root(path) -> str:
 
 def _manager(root: str, read_only: bool) -> ocp.CheckpointManager:
   # Readers open the manager without `create` (orbax's read_only mode only logs warnings).
+  # A step is written into `<step>.orbax-checkpoint-tmp` and renamed when complete, so a
+  # process killed mid-save leaves that directory behind (never a half step; readers ignore
+  # it): the writer removes such leftovers when it opens the directory.
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else MAX_TO_KEEP, create=not read_only,
-      enable_async_checkpointing=False)
+      cleanup_tmp_directories=not read_only, enable_async_checkpointing=False)
   return ocp.CheckpointManager(root, options=options)
 
 
@@ -146,19 +149,36 @@ def _read_step(root: str, step: int, items: dict[str, Any]) -> dict[str, Any]:
     mngr.close()
 
 
-def _read_latest_good(root: str, items_fn) -> tuple[int, dict[str, Any]]:
-  """Newest readable step; warns for each newer step that could not be read."""
+def _set_aside(root: str, step: int) -> str:
+  """Renames an unreadable step directory to `<step>.unreadable[-N]` (ignored as a step), so
+  that a resumed run can write that step again; returns the new path."""
+  src = os.path.join(root, str(step))
+  dst = src + ".unreadable"
+  n = 1
+  while os.path.exists(dst):
+    n += 1
+    dst = f"{src}.unreadable-{n}"
+  os.rename(src, dst)
+  return dst
+
+
+def _read_latest_good(root: str, items_fn, set_aside: bool = False
+                      ) -> tuple[int, dict[str, Any]]:
+  """Newest readable step; warns for each newer step that could not be read (and, with
+  `set_aside`, renames it out of the way so that training can save that step again)."""
   steps = _list_steps(root)
   errors = []
   for step in reversed(steps):
     try:
       result = _read_step(root, step, items_fn())
     except CheckpointError as e:
-      errors.append(e)
+      errors.append((step, e))
       continue
-    for e in errors:
-      warnings.warn(f"{e}; falling back to step {step}", stacklevel=3)
+    for bad, e in errors:
+      moved = f" (moved to {_set_aside(root, bad)})" if set_aside else ""
+      warnings.warn(f"{e}; falling back to step {step}{moved}", stacklevel=3)
     return step, result
+  errors = [e for _, e in errors]
   if len(errors) == 1:
     raise errors[0]
   raise CheckpointError(f"none of the {len(steps)} checkpoint steps in {root} is readable; "
@@ -222,6 +242,8 @@ def restore_training(workdir, model: nnx.Module, optimizer=None) -> tuple[int, d
   """Restores model and optimizer state in place from the newest readable step.
 
   `optimizer` is an `nnx.Optimizer` (updated in place) or None. Returns (step, extra).
+  Newer unreadable steps are renamed to `<step>.unreadable` with a warning, so that training
+  resumed from an older step saves those steps again instead of keeping the damaged ones.
   """
   root = _ckpt_root(workdir)
   model_state = nnx.state(model)
@@ -234,7 +256,7 @@ def restore_training(workdir, model: nnx.Module, optimizer=None) -> tuple[int, d
       d["opt_state"] = ocp.args.StandardRestore(_abstract(_pure(opt_state)))
     return d
 
-  step, out = _read_latest_good(root, items)
+  step, out = _read_latest_good(root, items, set_aside=True)
   try:
     nnx.replace_by_pure_dict(model_state, out["model"])
     nnx.update(model, model_state)

@@ -1,6 +1,11 @@
 """The benchmark harness: restore a checkpoint, extract features once, fit and score detectors.
 
-  results, scores = score_checkpoint(ckpt_dir, detectors=["grood", "knn"], ...)
+  results, scores = score_checkpoint(ckpt_dir, ScoreOptions(detectors=["grood", "knn"]))
+
+`prepare_checkpoint` restores the model and loads every data set first, so that every user
+error is raised before any feature is extracted or any file written; `score_prepared` does
+the work. Results carry no wall-clock time (same checkpoint and seed: same results); times
+go into a separate `timing` dict.
 
 The backbone runs once per data set (features and logits are cached in memory and, when a
 cache directory is given, on disk keyed by the checkpoint's parameters and the images).
@@ -26,6 +31,7 @@ import numpy as np
 from grood_jax import metrics
 from grood_jax.data import DataError, ImageSet, OODSet, load_benchmark, load_source
 from grood_jax.detectors import Context, Split, make_detector
+from grood_jax.errors import ScoringError
 from grood_jax.features import extract
 from grood_jax.modelfns import ModelFns
 
@@ -108,11 +114,15 @@ class FeatureCache:
 
 
 def _check_scores(name: str, set_name: str, s: np.ndarray) -> np.ndarray:
+  """Scores as float64; a ScoringError (not a user error: the input data were checked when
+  loaded) when any is NaN or Inf, so that no non-finite score ever reaches a metric."""
   s = np.asarray(s, np.float64)
   bad = ~np.isfinite(s)
   if bad.any():
-    raise ValueError(f"detector {name!r} gave {int(bad.sum())} non-finite scores of "
-                     f"{len(s)} on {set_name!r}")
+    raise ScoringError(
+        f"detector {name!r} gave {int(bad.sum())} non-finite (NaN/Inf) scores of {len(s)} on "
+        f"{set_name!r}: a failure of the model or the detector, not of the input data; check "
+        f"the checkpoint and the detector's --param values, or leave {name!r} out")
   return s
 
 
@@ -166,8 +176,10 @@ def select_params(name: str, base_params: dict, ctx: Context, id_val: Split, ood
 
 
 def _jsonable(d: dict) -> dict:
+  """A copy with numpy scalars as Python numbers and the keys in sorted order (stable JSON)."""
   out = {}
-  for k, v in d.items():
+  for k in sorted(d):
+    v = d[k]
     if isinstance(v, (np.generic,)):
       v = v.item()
     out[k] = v
@@ -187,23 +199,81 @@ def build_sets(bench, extra_ood) -> list[OODSet]:
   return sets
 
 
-def score_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, log: Callable[[str], None] | None = None):
-  """Scores every requested detector on one checkpoint. Returns (results dict, scores dict)."""
-  from grood_jax.checkpoint import load_model
-  from grood_jax.report import group_means
+@dataclasses.dataclass
+class Prepared:
+  """A checkpoint with everything scoring needs, every input already validated."""
+  ckpt_dir: str
+  model: object
+  config: object
+  step: int
+  bench: object          # grood_jax.data.Benchmark
+  ood_sets: list         # list[OODSet]: the benchmark's test OOD sets and the --ood ones
 
-  log = log or (lambda s: None)
+
+def _check_params_finite(params, ckpt_dir: str) -> None:
+  from grood_jax.checkpoint import CheckpointError
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    a = np.asarray(leaf)
+    if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+      raise CheckpointError(f"checkpoint {ckpt_dir}: parameter {jax.tree_util.keystr(path)} "
+                            "holds NaN/Inf (the training diverged); use an earlier checkpoint "
+                            "or retrain with a lower learning rate")
+
+
+def prepare_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, benchmarks: dict | None = None
+                       ) -> Prepared:
+  """Restores the model and loads every data set, validating all user input; reads only.
+
+  Every user error (CheckpointError, DataError, DetectorError) is raised here, before any
+  feature is extracted or any file written. `benchmarks` caches loaded benchmarks (and their
+  extra OOD sets) across checkpoints.
+  """
+  from grood_jax.checkpoint import load_model
+
   model, config, step = load_model(ckpt_dir)
+  _check_params_finite(ModelFns(model).params, ckpt_dir)
   bench_name = opts.benchmark or config.benchmark
   data_dir = opts.data_dir or config.get("data_dir", None)
-  bench = load_benchmark(bench_name, data_dir=data_dir)
+  key = (bench_name, data_dir)
+  if benchmarks is not None and key in benchmarks:
+    bench, ood_sets = benchmarks[key]
+  else:
+    bench = load_benchmark(bench_name, data_dir=data_dir)
+    ood_sets = None
   if int(model.num_classes) != bench.num_classes:
-    raise DataError(f"the checkpoint's model has {model.num_classes} classes but benchmark "
+    raise DataError(f"the checkpoint {ckpt_dir} has {model.num_classes} classes but benchmark "
                     f"{bench_name!r} has {bench.num_classes}; pass --benchmark "
                     f"{config.benchmark} (the one it was trained on)")
   if int(getattr(model, "in_channels", bench.image_shape[-1])) != bench.image_shape[-1]:
     raise DataError(f"the model takes {model.in_channels}-channel images but benchmark "
                     f"{bench_name!r} has {bench.image_shape[-1]}")
+  if opts.select and bench.ood_val is None:
+    raise DataError(f"--select needs an OOD validation set; benchmark {bench.name!r} has none")
+  if ood_sets is None:
+    ood_sets = build_sets(bench, opts.extra_ood)
+    if benchmarks is not None:
+      benchmarks[key] = (bench, ood_sets)
+  return Prepared(ckpt_dir, model, config, int(step), bench, ood_sets)
+
+
+def score_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, log: Callable[[str], None] | None = None,
+                     timing: dict | None = None):
+  """Scores every requested detector on one checkpoint. Returns (results dict, scores dict).
+
+  The results hold no wall-clock times, so the same checkpoint, options and seed give the same
+  results; the times go into `timing` (a dict filled in place) when one is given.
+  """
+  return score_prepared(prepare_checkpoint(ckpt_dir, opts), opts, log=log, timing=timing)
+
+
+def score_prepared(prep: Prepared, opts: ScoreOptions, *,
+                   log: Callable[[str], None] | None = None, timing: dict | None = None):
+  """Extracts features (cached), fits and scores every detector: (results dict, scores dict)."""
+  from grood_jax.report import group_means
+
+  log = log or (lambda s: None)
+  timing = {} if timing is None else timing
+  model, step, bench, ckpt_dir = prep.model, prep.step, prep.bench, prep.ckpt_dir
   fns = ModelFns(model)
   params = fns.params
   cache = FeatureCache(fns, params, mean=bench.mean, std=bench.std, batch_size=opts.batch_size,
@@ -211,15 +281,14 @@ def score_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, log: Callable[[str], 
   t0 = time.time()
   train = cache.split(bench.id_train)
   id_test = cache.split(bench.id_test)
-  ood_sets = build_sets(bench, opts.extra_ood)
-  ood_splits = [(s.group, s.name, cache.split(s.data)) for s in ood_sets]
+  ood_splits = [(s.group, s.name, cache.split(s.data)) for s in prep.ood_sets]
   aux_val = sel_val = None
   if bench.ood_val is not None:
     aux, sel = split_ood_val(bench.ood_val, opts.seed)
     aux_val, sel_val = cache.split(aux), cache.split(sel)
   noise = cache.split(bench.noise) if bench.noise is not None else None
   id_val = cache.split(bench.id_val) if opts.select else None
-  t_feats = time.time() - t0
+  timing["features_s"] = time.time() - t0
 
   ctx = Context(fns=fns, params=params, mean=bench.mean, std=bench.std, train=train,
                 ood_val=aux_val, noise=noise, seed=opts.seed, batch_size=min(opts.batch_size, 256))
@@ -230,15 +299,12 @@ def score_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, log: Callable[[str], 
              "detectors": {}, "selection": {},
              "meta": {"seed": opts.seed, "num_train": len(train), "num_id_test": len(id_test),
                       "sets": {n: {"group": g, "size": len(s)} for g, n, s in ood_splits},
-                      "model_fingerprint": cache.model_key},
-             "timing": {"features_s": t_feats}}
+                      "model_fingerprint": cache.model_key}}
   all_scores = {}
   for name in opts.detectors:
     params_user = dict(opts.detector_params.get(name, {}))
     runs = [(name, params_user)]
     if opts.select:
-      if sel_val is None:
-        raise DataError(f"--select needs an OOD validation set; benchmark {bench.name!r} has none")
       chosen, grid = select_params(name, params_user, ctx, id_val, sel_val, log)
       results["selection"][name] = {"chosen": _jsonable(chosen), "grid": grid,
                                     "id_val": id_val.name, "ood_val": sel_val.name}
@@ -248,13 +314,13 @@ def score_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, log: Callable[[str], 
         runs = [(name, chosen)]
     for label, p in runs:
       det = make_detector(name, **p)
-      per_set, scores, acc, timing = fit_and_score(det, ctx, id_test, ood_splits)
+      per_set, scores, acc, det_timing = fit_and_score(det, ctx, id_test, ood_splits)
       entry = {"params": _jsonable(det.params), "accuracy": acc, "ood": per_set,
                **group_means(per_set)}
       results["detectors"][label] = entry
-      results["timing"][label] = timing
+      timing[label] = det_timing
       all_scores[label] = scores
-      log(f"{label}: fit {timing['fit_s']:.1f}s, score {timing['score_s']:.1f}s")
+      log(f"{label}: fit {det_timing['fit_s']:.1f}s, score {det_timing['score_s']:.1f}s")
   if not opts.select:
     results.pop("selection")
   return results, all_scores

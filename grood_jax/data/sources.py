@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -97,6 +98,8 @@ def from_array(images, labels=None, *, name: str, image_shape=(28, 28, 1)) -> Im
     raise DataError(f"{name}: images must have shape (N,H,W) or (N,H,W,C), got {images.shape}")
   if len(images) == 0:
     raise DataError(f"{name}: the set is empty")
+  if min(images.shape[1:]) == 0:
+    raise DataError(f"{name}: images have an empty axis, shape {images.shape}")
   if images.shape[-1] not in (1, 2, 3, 4):
     raise DataError(f"{name}: last axis has {images.shape[-1]} channels; expected 1, 3 or 4 "
                     "(channels-last layout)")
@@ -111,7 +114,11 @@ def load_npz(path: str, *, name: str | None = None, image_shape=(28, 28, 1)) -> 
   if not os.path.isfile(path):
     raise DataError(f"{name}: no such file {path}")
   try:
-    with np.load(path, allow_pickle=False) as npz:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):   # a bare .npy array
+      raise DataError(f"{path}: a single .npy array, not an .npz archive; save with "
+                      "np.savez(path, images=..., labels=...)")
+    with loaded as npz:
       if "images" not in npz.files:
         raise DataError(f"{path}: no array named 'images' (found {sorted(npz.files)}); save "
                         "with np.savez(path, images=..., labels=...)")
@@ -119,8 +126,8 @@ def load_npz(path: str, *, name: str | None = None, image_shape=(28, 28, 1)) -> 
       labels = npz["labels"] if "labels" in npz.files else None
   except DataError:
     raise
-  except (OSError, ValueError, zipfile.BadZipFile) as e:
-    raise DataError(f"{path}: not a readable .npz file ({e})") from e
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
   return from_array(images, labels, name=name, image_shape=image_shape)
 
 

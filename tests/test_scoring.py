@@ -73,7 +73,8 @@ def test_non_finite_scores_are_refused(sign_detector):
   det = make_detector("_test_sign", sign=1)
   bad = _split("bad", 0.0)
   bad.feats[:3, 0] = np.nan
-  with pytest.raises(ValueError, match=r"3 non-finite scores"):
+  from grood_jax.errors import ScoringError
+  with pytest.raises(ScoringError, match=r"3 non-finite \(NaN/Inf\) scores"):
     scoring.fit_and_score(det, ctx, _split("id", 1.0), [("far", "bad", bad)])
 
 

@@ -33,6 +33,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_train_samples = 0           # > 0: use only the first N training images (smoke runs)
   c.max_eval_samples = 0            # > 0: evaluate on the first N images of each split
   c.log_every_steps = 20            # progress-bar refresh (a host sync)
+  # Fine-tuning: a train.py work directory whose newest checkpoint gives the initial model
+  # (parameters and BatchNorm statistics; the optimizer starts fresh). Ignored on resume.
+  c.init_from = ml_collections.config_dict.placeholder(str)
+  # Auxiliary outliers (losses "greg" / "gregplus"); see grood_jax.data.auxiliary.
+  c.aux = ml_collections.ConfigDict()
+  c.aux.source = "photos"           # a named auxiliary set, npz:PATH or folder:DIR
+  c.aux.num_samples = 20000         # size of a generated auxiliary set
+  c.aux.batch_size = 0              # aux images per step; 0: the ID batch size
+  c.aux.pool_factor = 6             # gregplus: candidate pool = pool_factor x aux batch
+  c.aux.clusters = 32               # gregplus: k-means clusters (<= aux batch)
+  c.aux.kmeans_iters = 20           # gregplus: Lloyd iterations
+  # GReg loss (METHOD.md §2): CE + lam_s * L_S + lam_grad * L_grad.
+  c.greg = ml_collections.ConfigDict()
+  c.greg.m_in = -25.0
+  c.greg.m_out = -7.0
+  c.greg.lam_s = 0.1
+  c.greg.lam_grad = 1.0
+  c.greg.input_grad = "sum"         # "sum" (train-mode BN, as the energies) | "eval"
   return c
 
 

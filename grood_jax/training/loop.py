@@ -5,6 +5,13 @@ per epoch). Rerunning `train` on a work directory resumes from its newest checkp
 optimizer, step, data-iterator position), and the result is bit-identical to an uninterrupted
 run on the same device type. SIGINT (Ctrl-C) during training saves a checkpoint and returns
 with `summary["interrupted"] = True`.
+
+Losses with auxiliary outliers ("greg", "gregplus"; see grood_jax.training.losses) also get an
+auxiliary loader over `data.load_auxiliary(config.aux.source, ...)` (refused if it overlaps an
+evaluation set), seeded with config.seed + 1 and resumed from the checkpoint like the ID one.
+`config.init_from` (a work directory) initialises the model from that run's newest checkpoint
+(parameters and BatchNorm statistics) when the work directory holds no checkpoint yet; the
+optimizer and schedule start fresh.
 """
 
 from __future__ import annotations
@@ -66,6 +73,24 @@ class _Batches:
       return next(self._it)
 
 
+def init_model_from(model, path) -> int:
+  """Copies the model state of the newest checkpoint in `path` into `model`; returns its step.
+
+  CheckpointError when that model differs (architecture, classes, shapes).
+  """
+  src, _, step = checkpoint.load_model(path)
+  src_state, dst_state = nnx.state(src), nnx.state(model)
+  shapes = lambda t: jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), t)
+  if (type(src) is not type(model)
+      or jax.tree.structure(src_state) != jax.tree.structure(dst_state)
+      or shapes(src_state) != shapes(dst_state)):
+    raise checkpoint.CheckpointError(
+        f"init_from={path}: its model ({type(src).__name__}, {src.num_classes} classes) does not "
+        f"match the configured one ({type(model).__name__}, {model.num_classes} classes)")
+  nnx.update(model, src_state)
+  return step
+
+
 def train(config, workdir, *, progress: bool = True, log: Callable[[str], None] | None = None,
           stop_at_step: int | None = None, return_model: bool = False) -> dict:
   """Trains `config` into `workdir` (resuming if it holds a checkpoint). Returns a summary.
@@ -90,6 +115,16 @@ def train(config, workdir, *, progress: bool = True, log: Callable[[str], None] 
   loader = data_lib.TrainLoader(train_x, train_y, batch_size=config.batch_size,
                                 seed=config.seed, mean=bench.mean, std=bench.std,
                                 augment=config.augment)
+  loss_fn = losses.make_loss(config)
+  aux_loader = None
+  if getattr(loss_fn, "aux_mode", None) is not None:
+    aux_cfg = config.aux
+    aux_set = data_lib.load_auxiliary(aux_cfg.source, bench, seed=config.seed,
+                                      num_samples=aux_cfg.num_samples, data_dir=config.data_dir)
+    aux_loader = data_lib.TrainLoader(
+        aux_set.images, np.zeros(len(aux_set), np.int32),
+        batch_size=losses.aux_loader_batch_size(config), seed=config.seed + 1,
+        mean=bench.mean, std=bench.std, augment=False)
   spe = loader.steps_per_epoch           # full batches; the remainder is dropped
   steps_total = spe * config.num_epochs
 
@@ -104,17 +139,26 @@ def train(config, workdir, *, progress: bool = True, log: Callable[[str], None] 
     step, extra = checkpoint.restore_training(workdir, model, optimizer)
     model.train()
     loader.set_state(extra["loader"])
+    if aux_loader is not None:
+      aux_loader.set_state(extra["aux_loader"])
     resumed_from = step
     log(f"resumed from step {step} in {workdir}")
+  elif config.get("init_from"):
+    init_step = init_model_from(model, config.init_from)
+    model.train()
+    log(f"initialised the model from {config.init_from} (step {init_step})")
 
   def save(at_step, epoch):
-    checkpoint.save(workdir, at_step, model, optimizer, config,
-                    {"loader": loader.get_state(), "epoch": epoch})
+    extra = {"loader": loader.get_state(), "epoch": epoch}
+    if aux_loader is not None:
+      extra["aux_loader"] = aux_loader.get_state()
+    checkpoint.save(workdir, at_step, model, optimizer, config, extra)
 
-  loss_fn = losses.make_loss(config)
   graphdef, state = nnx.split((model, optimizer))
-  train_step = make_train_step(graphdef, loss_fn)
+  train_step = make_train_step(graphdef, loss_fn, select_fn=losses.make_aux_selector(config),
+                               seed=config.seed, return_metrics=True)
   batches = _Batches(loader)
+  aux_batches = _Batches(aux_loader) if aux_loader is not None else None
 
   def sync_model():
     nnx.update((model, optimizer), state)
@@ -132,23 +176,30 @@ def train(config, workdir, *, progress: bool = True, log: Callable[[str], None] 
     while step < steps_total:
       epoch = step // spe
       t_epoch = t_epoch_start = time.perf_counter()
-      loss_sum = acc_sum = 0.0
+      sums: dict[str, float] = {}
       n_steps = 0
       pending = []
+
+      def flush(pending):
+        vals = jax.device_get(pending)                             # one host sync
+        for entry in vals:
+          for k, v in entry.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        return vals[-1]
+
       while step < (epoch + 1) * spe:
         x, y = batches.next()
-        state, loss, acc = train_step(state, x, y)
-        pending.append((loss, acc))
+        aux = () if aux_batches is None else (aux_batches.next()[0],)
+        state, loss, acc, metrics = train_step(state, x, y, *aux)
+        pending.append({"loss": loss, "accuracy": acc, **metrics})
         step += 1
         n_steps += 1
         if len(pending) >= config.log_every_steps or step % spe == 0:
-          vals = np.asarray(jax.device_get(pending), np.float64)   # one host sync
-          loss_sum += vals[:, 0].sum()
-          acc_sum += vals[:, 1].sum()
+          last_vals = flush(pending)
           if progress_bar is not None:
             progress_bar.update(len(pending))
-            progress_bar.set_postfix(epoch=epoch + 1, loss=f"{vals[-1, 0]:.4f}",
-                                     acc=f"{acc_sum / n_steps:.4f}")
+            progress_bar.set_postfix(epoch=epoch + 1, loss=f"{float(last_vals['loss']):.4f}",
+                                     acc=f"{sums['accuracy'] / n_steps:.4f}")
           pending = []
         stop = sigint["hit"] or (stop_at_step is not None and step >= stop_at_step)
         if step % config.checkpoint_every_steps == 0 or stop:
@@ -161,9 +212,7 @@ def train(config, workdir, *, progress: bool = True, log: Callable[[str], None] 
           interrupted = sigint["hit"]
           break
       if pending:
-        vals = np.asarray(jax.device_get(pending), np.float64)
-        loss_sum += vals[:, 0].sum()
-        acc_sum += vals[:, 1].sum()
+        flush(pending)
         if progress_bar is not None:
           progress_bar.update(len(pending))
       jax.block_until_ready(state)
@@ -175,8 +224,9 @@ def train(config, workdir, *, progress: bool = True, log: Callable[[str], None] 
       val_acc = evaluate(model, val_x, val_y, mean=bench.mean, std=bench.std,
                          batch_size=config.eval_batch_size)
       model.train()
-      record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1, n_steps),
-                "train_accuracy": acc_sum / max(1, n_steps), "val_accuracy": val_acc,
+      record = {"epoch": epoch + 1, "step": step,
+                **{f"train_{k}": v / max(1, n_steps) for k, v in sums.items()},
+                "val_accuracy": val_acc,
                 "epoch_seconds": round(time.perf_counter() - t_epoch_start, 3)}
       last = step >= steps_total
       if last:

@@ -17,7 +17,6 @@ import optax
 from flax import nnx
 
 
-
 def learning_rate_schedule(config, steps_total: int) -> optax.Schedule:
   """Linear warmup for `config.warmup_epochs` (in steps) then cosine decay to 0."""
   steps_per_epoch = max(1, steps_total // max(1, config.num_epochs))
@@ -47,18 +46,37 @@ def create_optimizer(config, steps_total: int) -> optax.GradientTransformation:
   raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'adamw' or 'sgd'")
 
 
-def make_train_step(graphdef, loss_fn):
-  """Returns `step(state, x, y) -> (state, loss, accuracy)`, jitted, state donated.
+def make_train_step(graphdef, loss_fn, *, select_fn=None, seed: int = 0,
+                    return_metrics: bool = False):
+  """Returns `step(state, x, y, *aux) -> (state, loss, accuracy[, metrics])`, jitted, state
+  donated.
 
-  `graphdef` comes from `nnx.split((model, optimizer))` with the model in train mode.
+  `graphdef` comes from `nnx.split((model, optimizer))` with the model in train mode. `aux` is
+  passed on to `loss_fn(model, x, y, *aux)` (e.g. an auxiliary outlier batch). With
+  `select_fn(model, pool, key) -> x_aux` the one aux argument is a candidate pool and the step
+  first selects the batch from it (GReg+), with key = fold_in(key(seed), optimizer step) — a
+  pure function of the seed and the step, so a resumed run selects the same batches.
+  `metrics`: the scalar entries of a dict-valued loss output (empty for a logits output).
   """
+  base_key = jax.random.fold_in(jax.random.key(seed), 0x5e1ec7)
 
-  def step(state, x, y):
+  def step(state, x, y, *aux):
     model, optimizer = nnx.merge(graphdef, state)
-    (loss, logits), grads = nnx.value_and_grad(
-        lambda m: loss_fn(m, x, y), has_aux=True)(model)
+    if select_fn is not None:
+      (pool,) = aux
+      key = jax.random.fold_in(base_key, optimizer.step[...])
+      aux = (select_fn(model, pool, key),)
+    (loss, out), grads = nnx.value_and_grad(
+        lambda m: loss_fn(m, x, y, *aux), has_aux=True)(model)
     optimizer.update(model, grads)
+    if isinstance(out, dict):
+      logits = out["logits"]
+      metrics = {k: v for k, v in out.items() if k != "logits"}
+    else:
+      logits, metrics = out, {}
     acc = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+    if return_metrics:
+      return nnx.state((model, optimizer)), loss, acc, metrics
     return nnx.state((model, optimizer)), loss, acc
 
   return jax.jit(step, donate_argnums=0)

@@ -43,21 +43,47 @@ class _Lowdim(Detector):
 
   # -------------------------------------------------------------- shared fit
 
+  def _basis_k(self, ctx) -> int:
+    """Columns of the fitted PCA basis: max(K, largest K of the grid), at most P.
+
+    Every K of the grid is the leading K columns of one basis (Rayleigh–Ritz orders them by
+    variance), so a search over K costs one gradient pass per data set instead of one per K,
+    and each K's subspace is at least as accurate as a fit at that K alone (more oversampling).
+    """
+    k = int(self.params["K"])
+    n_par = _grads.num_params(ctx.params)
+    if not 1 <= k <= n_par:
+      raise DetectorError(f"{self.name}: K={k} needs 1 <= K <= the number of parameters "
+                          f"({n_par})")
+    return min(max([k] + [int(v) for v in self.grid.get("K", [])]), n_par)
+
   def _fit_key(self, ctx) -> tuple:
     p = self.params
     if p["subspace"] not in _SUBSPACES:
       raise DetectorError(f"{self.name}: subspace must be one of {_SUBSPACES}, "
                           f"got {p['subspace']!r}")
     keys = ["subspace", "n_fit", "batch_size"]
+    extra = ()
     if p["subspace"] == "pca":
-      keys += ["K", "power_iters", "oversample"]
-    return ("lowdim",) + tuple((k, p[k]) for k in keys) + (("seed", ctx.seed),)
+      keys += ["power_iters", "oversample"]
+      extra = (("K_basis", self._basis_k(ctx)),)
+    return ("lowdim",) + tuple((k, p[k]) for k in keys) + extra + (("seed", ctx.seed),)
 
   def _fitted(self, ctx) -> dict:
-    """{"mean_P", "scale_P", "V_PxK", "z_NxK", "labels_N"} of the fit subset (cached)."""
+    """{"mean_P", "scale_P", "V_PxK", "z_NxK", "labels_N"} of the fit subset (cached), with
+    V and z sliced to this detector's K."""
     key = self._fit_key(ctx)
-    if key in ctx.cache:
-      return ctx.cache[key]
+    if key not in ctx.cache:
+      ctx.cache[key] = self._fit_basis(ctx, key)
+    full = ctx.cache[key]
+    kk = full["V_PxK"].shape[1] if self.params["subspace"] != "pca" else int(self.params["K"])
+    slice_key = key + ("K", kk)
+    if slice_key not in ctx.cache:  # one object per K, shared by the detectors of that K
+      ctx.cache[slice_key] = {**full, "V_PxK": full["V_PxK"][:, :kk], "z_NxK": full["z_NxK"][:, :kk],
+                              "basis": full["V_PxK"], "fit_key": key}
+    return ctx.cache[slice_key]
+
+  def _fit_basis(self, ctx, key) -> dict:
     p = self.params
     train = ctx.train
     images = _images(train, self.name)
@@ -71,12 +97,7 @@ class _Lowdim(Detector):
     io = dict(batch_size=bs, mean=ctx.mean, std=ctx.std)
     stats = _grads.grad_stats(ctx.fns, ctx.params, images, **io)
     if p["subspace"] == "pca":
-      k = int(p["K"])
-      n_par = _grads.num_params(ctx.params)
-      if not 1 <= k <= n_par:
-        raise DetectorError(f"{self.name}: K={k} needs 1 <= K <= the number of parameters "
-                            f"({n_par})")
-      v, _ = _subspace.pca_subspace(ctx.fns, ctx.params, stats, images, k,
+      v, _ = _subspace.pca_subspace(ctx.fns, ctx.params, stats, images, self._basis_k(ctx),
                                     key=jax.random.key(ctx.seed),
                                     power_iters=int(p["power_iters"]),
                                     oversample=int(p["oversample"]), **io)
@@ -86,27 +107,28 @@ class _Lowdim(Detector):
       v = _subspace.class_mean_subspace(ctx.fns, ctx.params, stats, images, labels,
                                         int(ctx.fns.num_classes), **io)
     z = _subspace.reduce_grads(ctx.fns, ctx.params, stats, v, images, **io)
-    fitted = {"mean_P": stats["mean_P"], "scale_P": stats["scale_P"], "V_PxK": v, "z_NxK": z,
-              "labels_N": labels}
-    ctx.cache[key] = fitted
-    return fitted
+    return {"mean_P": stats["mean_P"], "scale_P": stats["scale_P"], "V_PxK": v, "z_NxK": z,
+            "labels_N": labels}
 
   def _base_state(self, fitted) -> dict:
-    return {k: fitted[k] for k in ("mean_P", "scale_P", "V_PxK")}
+    return {k: fitted[k] for k in ("mean_P", "scale_P", "V_PxK", "basis")}
 
   def _z(self, ctx, state, split) -> np.ndarray:
-    """Reduced gradients of a split, cached per (V, images) object pair."""
+    """Reduced gradients of a split: computed once per (basis, images) in the context and
+    sliced to this state's K; without a cached basis, computed from the state alone."""
     images = _images(split, self.name)
-    key = ("lowdim_z", id(state["V_PxK"]), id(images))
+    v = state["V_PxK"]
+    basis = state.get("basis", v)
+    key = ("lowdim_z", id(basis), id(images))
     hit = ctx.cache.get(key)
-    if hit is not None and hit[0] is state["V_PxK"] and hit[1] is images:
-      return hit[2]
-    stats = {"mean_P": state["mean_P"], "scale_P": state["scale_P"]}
-    z = _subspace.reduce_grads(ctx.fns, ctx.params, stats, state["V_PxK"], images,
-                               batch_size=int(self.params["batch_size"]), mean=ctx.mean,
-                               std=ctx.std)
-    ctx.cache[key] = (state["V_PxK"], images, z)
-    return z
+    if hit is None or hit[0] is not basis or hit[1] is not images:
+      stats = {"mean_P": state["mean_P"], "scale_P": state["scale_P"]}
+      z = _subspace.reduce_grads(ctx.fns, ctx.params, stats, basis, images,
+                                 batch_size=int(self.params["batch_size"]), mean=ctx.mean,
+                                 std=ctx.std)
+      hit = (basis, images, z)
+      ctx.cache[key] = hit
+    return hit[2][:, :v.shape[1]]
 
 
 @register
@@ -142,7 +164,8 @@ class _LowdimProbe(_Lowdim):
     if fitted["labels_N"] is None:
       raise DetectorError(f"{self.name}: the probe needs the train labels")
     p = self.params
-    key = self._fit_key(ctx) + ("probe", p["epochs"], p["probe_lr"], p["probe_batch"])
+    key = self._fit_key(ctx) + ("K", fitted["V_PxK"].shape[1], "probe", p["epochs"], p["probe_lr"],
+                                 p["probe_batch"])
     if key not in ctx.cache:
       ctx.cache[key] = _probe.train_probe(fitted["z_NxK"], fitted["labels_N"],
                                           int(ctx.fns.num_classes), seed=ctx.seed,

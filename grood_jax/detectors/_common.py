@@ -1,6 +1,7 @@
 """Helpers shared by the baseline detectors (and GROOD's search).
 
-- `knn_search`: exact, blocked k-nearest-neighbour search in jnp; `l2_normalize`.
+- `knn_search`: exact, blocked k-nearest-neighbour search in jnp (block sizes from a memory
+  budget, `block_sizes_for_budget`); `l2_normalize`.
 - `head_affine`: the final layer of any backbone as (W_CxD, b_C), read off `fns.head`.
 - jnp pieces used inside the detectors' jitted scores: `energy`, `max_softmax`, `affine`.
 - `as_np32`, `require_labels`: conversions and checks.
@@ -31,26 +32,113 @@ def require_labels(split: Split, who: str) -> np.ndarray:
 
 # ------------------------------------------------------------------ nearest neighbours
 
+DEFAULT_MEMORY_BUDGET = 512 << 20    # bytes for one block step of `knn_search`
+_CHUNK = 256                         # bank rows per chunk of the two-stage block top-k
+_MAX_QUERY_BLOCK = 1024
+_MAX_BANK_BLOCK = 16384
+_DIST_COPIES = 3                     # live (Q, B) buffers per block step: dot, fused, top-k
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _knn_merge_block(q_QxD, qsq_Q, b_BxD, bsq_B, offset, n_valid, best_d_QxK, best_i_QxK,
-                     *, k):
-  """Merges one bank block into the running k best (distances ascending, ties by index)."""
-  d_QxB = qsq_Q[:, None] - 2.0 * jnp.matmul(q_QxD, b_BxD.T, precision=HIGHEST) + bsq_B[None, :]
-  d_QxB = jnp.maximum(d_QxB, 0.0) + 0.0           # clamp rounding below 0; -0.0 -> +0.0
-  idx_B = offset + jnp.arange(b_BxD.shape[0], dtype=jnp.int32)
-  d_QxB = jnp.where(idx_B[None, :] < n_valid, d_QxB, jnp.inf)   # padding rows never win
-  # The running best (all from earlier blocks, so lower indices) goes first: lax.top_k keeps
-  # the lower position among equal values, so ties resolve to the lowest bank index.
-  cand_d = jnp.concatenate([best_d_QxK, d_QxB], axis=1)
-  cand_i = jnp.concatenate([best_i_QxK, jnp.broadcast_to(idx_B, d_QxB.shape)], axis=1)
-  neg_d, pos = jax.lax.top_k(-cand_d, k)
+
+def block_sizes_for_budget(num_queries: int, bank_size: int, dim: int, k: int,
+                           budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> tuple[int, int]:
+  """(query_block, bank_block) whose per-step buffers fit in `budget_bytes`.
+
+  One step of `knn_search` holds a query block (qb x D), the (qb x bb) distances with up to
+  `_DIST_COPIES` live copies of that size (dot output, the fused distance, the top-k input),
+  and the running k best (qb x k distances and indices, a few copies). The bank itself is not
+  counted: it is the input, held once. Preferences (measured on CPU, see
+  benchmarks/knn.py): query blocks of up to 1024 rows, bank blocks of up to 16384 rows in
+  multiples of 256 (the chunk of the two-stage top-k); the bank block shrinks first, then the
+  query block. Never below (1, 1); a budget too small even for that still gets (1, 1).
+  """
+  q, n, d, k = max(1, int(num_queries)), max(1, int(bank_size)), max(1, int(dim)), max(1, int(k))
+  budget = max(0, int(budget_bytes)) // 4           # in float32 / int32 words
+
+  def fits(qb, bb):
+    return qb * (d + 8 * k) + bb * d + _DIST_COPIES * qb * (bb + k) <= budget
+
+  def round_bank(bb):                               # a multiple of the chunk where possible
+    return bb - bb % _CHUNK if bb >= _CHUNK else bb
+
+  bank_cap = -(-n // _CHUNK) * _CHUNK if n > _CHUNK else n     # whole bank, chunk-padded
+  bank_cap = min(bank_cap, _MAX_BANK_BLOCK)
+  qb = min(q, _MAX_QUERY_BLOCK)
+  while True:
+    free = budget - qb * (d + 8 * k) - _DIST_COPIES * qb * k
+    bb = min(bank_cap, max(0, free) // (d + _DIST_COPIES * qb))
+    bb = round_bank(bb)
+    if bb >= min(bank_cap, _CHUNK) and fits(qb, bb):
+      return qb, bb
+    if qb == 1:
+      return 1, max(1, bb)
+    qb = max(1, qb // 2)
+
+
+def _augment_bank(b_BxD, n_valid_rows):
+  """[b, ||b||^2] (B, D+1); rows at or past n_valid_rows (padding) get ||b||^2 = +inf."""
+  bsq_B = jnp.sum(b_BxD * b_BxD, axis=1)
+  bsq_B = jnp.where(jnp.arange(b_BxD.shape[0]) < n_valid_rows, bsq_B, jnp.inf)
+  return jnp.concatenate([b_BxD, bsq_B[:, None]], axis=1)
+
+
+def _augment_queries(q_QxD):
+  """([-2 q, 1] (Q, D+1), ||q||^2 (Q,)): ||q||^2 + [-2q, 1].[b, ||b||^2] = ||q - b||^2."""
+  ones = jnp.ones((q_QxD.shape[0], 1), q_QxD.dtype)
+  return jnp.concatenate([-2.0 * q_QxD, ones], axis=1), jnp.sum(q_QxD * q_QxD, axis=1)
+
+
+_augment_bank_jit = jax.jit(_augment_bank)
+_augment_queries_jit = jax.jit(_augment_queries)
+
+
+def _block_topk(qa_QxA, qsq_Q, ba_BxA, offset, k: int):
+  """The k nearest rows of one augmented bank block (ascending, ties by index): (Q, kk) x 2.
+
+  kk = min(k, B); A = D + 1 (`_augment_queries`, `_augment_bank`). One matmul per block gives
+  e = -2 q.b + ||b||^2 (precision HIGHEST); the distance is d = max(||q||^2 + e, 0), +inf on
+  padding rows (their ||b||^2 is +inf). d is a non-decreasing function of e, so the minimum
+  of d over any set of rows is d of the minimum of e. For small k the top-k therefore runs in
+  two stages without ever forming d over the whole block: the minimum e of every chunk of 256
+  rows (one fast pass over the matmul output), the k chunks with the smallest d(min e) (ties:
+  the lower chunk), and an exact top-k of d over those k chunks taken in index order. Exact,
+  ties included: a chunk left out is preceded by k chosen chunks whose best rows all come
+  before any of its rows in (distance, index) order.
+  """
+  nb = ba_BxA.shape[0]
+  e_QxB = jnp.matmul(qa_QxA, ba_BxA.T, precision=HIGHEST)
+
+  def dist(e):
+    return jnp.maximum(qsq_Q.reshape((-1,) + (1,) * (e.ndim - 1)) + e, 0.0) + 0.0   # -0 -> +0
+
+  kk = min(k, nb)
+  n_chunks = nb // _CHUNK
+  if nb % _CHUNK == 0 and n_chunks >= 4 * kk:
+    e_QxCxL = e_QxB.reshape(e_QxB.shape[0], n_chunks, _CHUNK)
+    _, chunk_QxK = jax.lax.top_k(-dist(jnp.min(e_QxCxL, axis=2)), kk)
+    chunk_QxK = jnp.sort(chunk_QxK, axis=1)                       # index order for ties
+    cand_QxKL = jnp.take_along_axis(e_QxCxL, chunk_QxK[:, :, None], axis=1).reshape(
+        e_QxB.shape[0], kk * _CHUNK)
+    neg_d, pos = jax.lax.top_k(-dist(cand_QxKL), kk)
+    local = jnp.take_along_axis(chunk_QxK, pos // _CHUNK, axis=1) * _CHUNK + pos % _CHUNK
+  else:
+    neg_d, local = jax.lax.top_k(-dist(e_QxB), kk)
+  return -neg_d, offset + local.astype(jnp.int32)
+
+
+def _merge_topk(best_d_QxK, best_i_QxK, new_d_QxJ, new_i_QxJ, k: int):
+  """k best of two candidate lists; the first must hold the lower indices on ties."""
+  cand_d = jnp.concatenate([best_d_QxK, new_d_QxJ], axis=1)
+  cand_i = jnp.concatenate([best_i_QxK, new_i_QxJ], axis=1)
+  neg_d, pos = jax.lax.top_k(-cand_d, k)              # lower position first among equals
   return -neg_d, jnp.take_along_axis(cand_i, pos, axis=1)
 
 
-@jax.jit
-def _sq_norms(x_NxD):
-  return jnp.sum(x_NxD * x_NxD, axis=1)
+@functools.partial(jax.jit, static_argnames=("k",))
+def _knn_merge_block(qa_QxA, qsq_Q, ba_BxA, offset, best_d_QxK, best_i_QxK, *, k):
+  """Merges one augmented bank block into the running k best (ascending, ties by index)."""
+  d_QxJ, i_QxJ = _block_topk(qa_QxA, qsq_Q, ba_BxA, offset, k)
+  # The running best (all from earlier blocks, so lower indices) goes first.
+  return _merge_topk(best_d_QxK, best_i_QxK, d_QxJ, i_QxJ, k)
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -59,16 +147,19 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)])
 
 
-def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int = 1024,
-               bank_block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
+               bank_block: int | None = None,
+               memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Exact k nearest bank rows of every query under the squared L2 distance.
 
   Returns (dists_sq_QxK ascending, idx_QxK) as numpy float32 / int32. Equal distances are
   ordered by the lower bank index. Memory is bounded by the blocks: queries go through in
   blocks of `query_block` rows and the bank in blocks of `bank_block` rows (the last of each
-  padded, padding masked with +inf so it is never returned); distances are
-  ||q||^2 - 2 q.b + ||b||^2 with the matmul at precision HIGHEST, clamped at 0. The bank is
-  put on the device once, block by block (one copy); one compilation per (block shapes, k).
+  padded, padding masked with +inf so it is never returned); a block size left out is chosen
+  by `block_sizes_for_budget` for `memory_budget` bytes (default 512 MiB). Distances are
+  ||q||^2 - 2 q.b + ||b||^2 with one matmul per block at precision HIGHEST, clamped at 0;
+  ||b||^2 is computed once per bank block. The bank is put on the device once, block by block
+  (one copy); one compilation per (block shapes, k).
   Raises DetectorError (a ValueError) unless 1 <= k <= N.
   """
   queries_QxD = np.asarray(queries_QxD, np.float32)
@@ -82,23 +173,30 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int = 1024,
     raise DetectorError(f"knn_search: k={k} needs 1 <= k <= bank size ({n})")
   if q_total == 0:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
-  bb = max(1, min(int(bank_block), n))
+  if query_block is None or bank_block is None:
+    auto_qb, auto_bb = block_sizes_for_budget(
+        q_total, n, bank_NxD.shape[1], k,
+        DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget)
+    query_block = auto_qb if query_block is None else query_block
+    bank_block = auto_bb if bank_block is None else bank_block
+  bb = max(1, int(bank_block))
+  if bb > n:                          # one block: pad only up to a whole chunk, if at all
+    bb = n if n < _CHUNK or bb % _CHUNK else -(-n // _CHUNK) * _CHUNK
   qb = max(1, min(int(query_block), q_total))
   blocks = []
   for start in range(0, n, bb):
     b = jnp.asarray(_pad_rows(bank_NxD[start:start + bb], bb))
-    blocks.append((b, _sq_norms(b), jnp.int32(start)))
-  n_valid = jnp.int32(n)
+    blocks.append((_augment_bank_jit(b, n - start), jnp.int32(start)))
+    del b
   dists = np.empty((q_total, k), np.float32)
   idx = np.empty((q_total, k), np.int32)
   for start in range(0, q_total, qb):
     stop = min(start + qb, q_total)
-    q = jnp.asarray(_pad_rows(queries_QxD[start:stop], qb))
-    qsq = _sq_norms(q)
+    qa, qsq = _augment_queries_jit(jnp.asarray(_pad_rows(queries_QxD[start:stop], qb)))
     best_d = jnp.full((qb, k), jnp.inf, jnp.float32)
     best_i = jnp.full((qb, k), -1, jnp.int32)
-    for b, bsq, offset in blocks:
-      best_d, best_i = _knn_merge_block(q, qsq, b, bsq, offset, n_valid, best_d, best_i, k=k)
+    for ba, offset in blocks:
+      best_d, best_i = _knn_merge_block(qa, qsq, ba, offset, best_d, best_i, k=k)
     dists[start:stop] = np.asarray(best_d)[:stop - start]
     idx[start:stop] = np.asarray(best_i)[:stop - start]
   return dists, idx

@@ -1,0 +1,127 @@
+"""Shared pieces of the benchmarks: machine description, timing, results, subprocess peaks."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def optional(name: str):
+  """The module, or None when it is not installed (torch and faiss are optional)."""
+  try:
+    return importlib.import_module(name)
+  except ImportError:
+    return None
+
+
+def machine() -> dict:
+  import jax
+  cpu = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
+  mem_gib = None
+  try:
+    import psutil
+    mem_gib = round(psutil.virtual_memory().total / 2**30, 1)
+  except ImportError:
+    pass
+  versions = {"python": platform.python_version(), "jax": jax.__version__}
+  for name in ("numpy", "torch", "faiss"):
+    mod = optional(name)
+    if mod is not None:
+      versions[name] = getattr(mod, "__version__", "?")
+  return {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "mem_gib": mem_gib,
+          "jax_backend": jax.default_backend(),
+          "jax_devices": [str(d) for d in jax.devices()], "versions": versions,
+          "load_avg_at_start": os.getloadavg()}
+
+
+def timed(fn, reps: int = 3, warmup: int = 1) -> float:
+  """Median wall seconds of fn() (results blocked on) over `reps` runs after `warmup` runs."""
+  import jax
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    ts.append(time.perf_counter() - t)
+  ts.sort()
+  return ts[len(ts) // 2]
+
+
+def interleaved(fns: dict, reps: int = 3, warmup: int = 1) -> dict:
+  """Median seconds of every fn, the runs interleaved (a, b, c, a, b, c, ...) so that load
+  from other processes falls on all of them alike: ratios are the figures to trust."""
+  import jax
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  ts = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      ts[k].append(time.perf_counter() - t)
+  return {k: sorted(v)[len(v) // 2] for k, v in ts.items()}
+
+
+def peak_rss_bytes() -> int:
+  """Peak resident memory of this process (VmHWM). Not ru_maxrss: on Linux that survives
+  exec, so a subprocess would report its parent's peak when the parent is bigger."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024      # Linux: KiB
+
+
+def run_worker(script: str, args: dict, timeout: float = 900) -> dict:
+  """Runs `script --worker JSON` in a fresh process (its own peak RSS); returns its JSON line."""
+  res = subprocess.run([sys.executable, script, "--worker", json.dumps(args)],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+  if res.returncode != 0:
+    raise RuntimeError(f"worker {args} failed:\n{res.stderr[-3000:]}")
+  return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def save(name: str, payload: dict, out_dir: str | None = None) -> str:
+  out_dir = out_dir or RESULTS_DIR
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"{name}.json")
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=1, default=float)
+  return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.4g}"
+    return "-" if v is None else str(v)
+  cells = [[fmt(r.get(c)) for c in cols] for r in rows]
+  widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c)
+            for i, c in enumerate(cols)]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+  lines += ["  ".join(x.rjust(w) for x, w in zip(r, widths)) for r in cells]
+  return "\n".join(lines)
+
+
+def plot_path(name: str, out_dir: str | None = None) -> str:
+  return os.path.join(out_dir or RESULTS_DIR, f"{name}.png")

@@ -195,25 +195,10 @@ def run(args) -> int:
   return 0
 
 
-def check_writable(out: str) -> None:
-  """OutputError unless `out` is (or can be created as) a writable directory. Creates nothing."""
-  from grood_jax.errors import OutputError
-  path = os.path.abspath(out)
-  if os.path.exists(path):
-    if not os.path.isdir(path):
-      raise OutputError(f"--out {out}: a file, not a directory; choose another --out")
-    if not os.access(path, os.W_OK | os.X_OK):
-      raise OutputError(f"--out {out}: the directory is not writable; choose another --out")
-    return
-  parent = os.path.dirname(path)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise OutputError(f"--out {out}: cannot create the directory, {parent} is a file; choose "
-                      "another --out")
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise OutputError(f"--out {out}: cannot create the directory, {parent} is not writable; "
-                      "choose another --out")
+def check_writable(path: str) -> None:
+  """OutputError unless --out is, or can be created as, a writable directory. Creates nothing."""
+  from grood_jax.fileio import check_writable_dir
+  check_writable_dir(path, "--out")
 
 
 if __name__ == "__main__":

@@ -73,23 +73,10 @@ def _explain(e: BaseException, argv: list[str]) -> str:
   return _one_line(e)
 
 
-def _check_workdir(workdir: str) -> None:
-  """OutputError unless `workdir` is (or can be created as) a writable directory."""
-  from grood_jax.errors import OutputError
-  path = os.path.abspath(workdir)
-  if os.path.exists(path):
-    if not os.path.isdir(path):
-      raise OutputError(f"--workdir {workdir}: a file, not a directory; choose another --workdir")
-    if not os.access(path, os.W_OK | os.X_OK):
-      raise OutputError(f"--workdir {workdir}: not writable; choose another --workdir")
-    return
-  parent = os.path.dirname(path)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-    raise OutputError(f"--workdir {workdir}: cannot create the directory ({parent} is "
-                      f"{'a file' if not os.path.isdir(parent) else 'not writable'}); choose "
-                      "another --workdir")
+def _check_workdir(path: str) -> None:
+  """OutputError unless --workdir is, or can be created as, a writable directory. Creates nothing."""
+  from grood_jax.fileio import check_writable_dir
+  check_writable_dir(path, "--workdir")
 
 
 def _preflight(config, workdir: str) -> None:

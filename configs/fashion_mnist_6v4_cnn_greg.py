@@ -22,22 +22,21 @@ eval-mode model (running statistics). See grood_jax.training.losses.
 `:smoke` runs end to end in well under a minute on CPU (8 steps, 2,048 auxiliary images).
 """
 
-from grood_jax.training.config import base_config, smoke
+from grood_jax.training.config import finish, small_cnn_config
+
+
+def _smoke(c):
+  c.max_train_samples = 1024
+  c.checkpoint_every_steps = 4
+  c.aux.num_samples = 2048
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.benchmark = "fashion_mnist_6v4"
-  c.model.name = "cnn"
-  c.model.kwargs.width = 16
-  c.model.kwargs.feature_dim = 128
+  c = small_cnn_config("fashion_mnist_6v4")
   c.loss = "greg"
-  c.batch_size = 128
-  c.num_epochs = 1
-  c.optimizer = "adamw"
   c.learning_rate = 1e-3
-  c.weight_decay = 5e-4
   c.warmup_epochs = 0.1
+  c.num_epochs = 1
   c.checkpoint_every_steps = 100
   c.aux.source = "photos"
   c.aux.num_samples = 20000
@@ -47,12 +46,4 @@ def get_config(arg=None):
   c.greg.lam_s = 0.1
   c.greg.lam_grad = 1.0
   c.greg.input_grad = "sum"
-  if arg == "smoke":
-    smoke(c)
-    c.max_train_samples = 1024
-    c.checkpoint_every_steps = 4
-    c.aux.num_samples = 2048
-  elif arg:
-    raise ValueError(f"unknown config variant {arg!r}; use ':smoke' or nothing")
-  c.lock()
-  return c
+  return finish(c, arg, _smoke)

@@ -12,40 +12,31 @@ The paper trains 60 epochs; one epoch (257 steps) keeps this under ~6 minutes on
 `:smoke` runs end to end in well under a minute on CPU.
 """
 
-from grood_jax.training.config import base_config, smoke
+from grood_jax.training.config import finish, small_cnn_config
+
+
+def _smoke(c):
+  c.max_train_samples = 1024
+  c.checkpoint_every_steps = 4
+  c.aux.num_samples = 2048
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.benchmark = "fashion_mnist_6v4"
-  c.model.name = "cnn"
-  c.model.kwargs.width = 16
-  c.model.kwargs.feature_dim = 128
+  c = small_cnn_config("fashion_mnist_6v4")
   c.loss = "gregplus"
-  c.batch_size = 128
-  c.num_epochs = 1
-  c.optimizer = "adamw"
   c.learning_rate = 3e-3
-  c.weight_decay = 5e-4
   c.warmup_epochs = 0.2
+  c.num_epochs = 1
   c.checkpoint_every_steps = 100
   c.aux.source = "photos"
   c.aux.num_samples = 20000
   c.aux.batch_size = 0            # = batch_size
-  c.aux.pool_factor = 6
-  c.aux.clusters = 32
-  c.aux.kmeans_iters = 20
   c.greg.m_in = -25.0
   c.greg.m_out = -7.0
   c.greg.lam_s = 0.1
   c.greg.lam_grad = 1.0
   c.greg.input_grad = "sum"
-  if arg == "smoke":
-    smoke(c)
-    c.max_train_samples = 1024
-    c.checkpoint_every_steps = 4
-    c.aux.num_samples = 2048
-  elif arg:
-    raise ValueError(f"unknown config variant {arg!r}; use ':smoke' or nothing")
-  c.lock()
-  return c
+  c.aux.pool_factor = 6
+  c.aux.clusters = 32
+  c.aux.kmeans_iters = 20
+  return finish(c, arg, _smoke)

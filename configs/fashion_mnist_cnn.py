@@ -3,24 +3,12 @@
   python train.py --config configs/fashion_mnist_cnn.py --workdir runs/fmnist_cnn
 """
 
-from grood_jax.training.config import base_config, smoke
+from grood_jax.training.config import finish, small_cnn_config
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.benchmark = "fashion_mnist"
-  c.model.name = "cnn"
-  c.model.kwargs.width = 16
-  c.model.kwargs.feature_dim = 128
-  c.batch_size = 128
+  c = small_cnn_config("fashion_mnist")
   c.num_epochs = 4
-  c.optimizer = "adamw"
   c.learning_rate = 3e-3
-  c.weight_decay = 5e-4
   c.warmup_epochs = 0.3
-  if arg == "smoke":
-    smoke(c)
-  elif arg:
-    raise ValueError(f"unknown config variant {arg!r}; use ':smoke' or nothing")
-  c.lock()
-  return c
+  return finish(c, arg)

@@ -41,3 +41,27 @@ def atomic_write(path, write: Callable, *, suffix: str = ".tmp") -> str:
 
 def atomic_write_text(path, text: str) -> str:
   return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def check_writable_dir(path, flag: str) -> None:
+  """OutputError unless `path` is, or can be created as, a writable directory. Creates nothing.
+
+  `flag` names the option in the message (e.g. "--out"), which says what to fix.
+  """
+  from grood_jax.errors import OutputError
+  full = os.path.abspath(os.fspath(path))
+  if os.path.exists(full):
+    if not os.path.isdir(full):
+      raise OutputError(f"{flag} {path}: a file, not a directory; choose another {flag}")
+    if not os.access(full, os.W_OK | os.X_OK):
+      raise OutputError(f"{flag} {path}: the directory is not writable; choose another {flag}")
+    return
+  parent = os.path.dirname(full)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise OutputError(f"{flag} {path}: cannot create the directory, {parent} is a file; "
+                      f"choose another {flag}")
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise OutputError(f"{flag} {path}: cannot create the directory, {parent} is not writable; "
+                      f"choose another {flag}")

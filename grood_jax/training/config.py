@@ -62,3 +62,28 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 8
   c.warmup_epochs = 0.1
   return c
+
+
+def small_cnn_config(benchmark: str) -> ml_collections.ConfigDict:
+  """`base_config()` with the SmallCNN every Fashion-MNIST config starts from (unlocked)."""
+  c = base_config()
+  c.benchmark = benchmark
+  c.model.name = "cnn"
+  c.model.kwargs.width = 16
+  c.model.kwargs.feature_dim = 128
+  c.batch_size = 128
+  c.optimizer = "adamw"
+  c.weight_decay = 5e-4
+  return c
+
+
+def finish(c: ml_collections.ConfigDict, arg, smoke_fn=None) -> ml_collections.ConfigDict:
+  """Applies the `:smoke` variant (`smoke`, then `smoke_fn` if given) and locks the config."""
+  if arg == "smoke":
+    smoke(c)
+    if smoke_fn is not None:
+      smoke_fn(c)
+  elif arg:
+    raise ValueError(f"unknown config variant {arg!r}; use ':smoke' or nothing")
+  c.lock()
+  return c

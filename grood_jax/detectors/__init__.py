@@ -4,7 +4,6 @@ Importing this package registers every detector.
 """
 
 import importlib
-import importlib.util
 
 from grood_jax.detectors.base import (REGISTRY, Context, Detector, DetectorError, Split,
                                       make_detector, parse_detectors, register)
@@ -19,11 +18,4 @@ _MODULES = [
 ]
 
 for _m in _MODULES:
-  # TEMPORARY while the detector modules are being written in parallel; integration makes
-  # every import unconditional.
-  try:
-    if importlib.util.find_spec(_m) is None:
-      continue
-  except ModuleNotFoundError:
-    continue
   importlib.import_module(_m)

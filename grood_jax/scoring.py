@@ -33,6 +33,7 @@ from grood_jax.data import DataError, ImageSet, OODSet, load_benchmark, load_sou
 from grood_jax.detectors import Context, Split, make_detector
 from grood_jax.errors import ScoringError
 from grood_jax.features import extract
+from grood_jax.fileio import atomic_write
 from grood_jax.modelfns import ModelFns
 
 
@@ -105,9 +106,7 @@ class FeatureCache:
       self.log(f"features of {data.name}: {len(data)} images in {time.time() - t0:.1f}s")
       if path:
         os.makedirs(self.cache_dir, exist_ok=True)
-        tmp = path + f".tmp{os.getpid()}.npz"
-        np.savez(tmp, feats=feats, logits=logits)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: np.savez(fh, feats=feats, logits=logits))
     s = Split(name=data.name, feats=feats, logits=logits, images=data.images, labels=data.labels)
     self._mem[key] = s
     return s

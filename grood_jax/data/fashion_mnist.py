@@ -14,7 +14,6 @@ import functools
 import hashlib
 import os
 import shutil
-import tempfile
 from urllib.request import urlopen
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from grood_jax.data import paths
 from grood_jax.data.base import DataError, ImageSet
 from grood_jax.data.idx import read_idx
+from grood_jax.fileio import atomic_write
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot"]
@@ -77,17 +77,12 @@ def _download(folder: str) -> dict[str, str]:
       errors = []
       for mirror in MIRRORS:
         url = mirror + stem + ".gz"
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
         try:
-          with os.fdopen(fd, "wb") as f, urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, f)
-          os.replace(tmp, dest)
+          with urlopen(url, timeout=60) as response:
+            atomic_write(dest, lambda f: shutil.copyfileobj(response, f), suffix=".part")
           break
         except OSError as e:
           errors.append(f"{url}: {e}")
-        finally:
-          if os.path.exists(tmp):
-            os.remove(tmp)
       else:
         raise DataError(f"could not download Fashion-MNIST ({'; '.join(errors)}); install the "
                         "Debian package dataset-fashion-mnist or put the four IDX files in "

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import warnings
 
 import numpy as np
@@ -31,6 +30,7 @@ from scipy import ndimage
 from grood_jax.data import paths
 from grood_jax.data.base import DataError, ImageSet
 from grood_jax.data.idx import read_idx
+from grood_jax.fileio import atomic_write
 
 SIZE = 28
 LETTERS_TEST = "ABCDEFGHIJ"
@@ -172,19 +172,11 @@ def _render_glyphs(files: list[str], letters: str):
 
 def _save_npz(path: str, **arrays) -> None:
   """Write atomically (temp file + rename); a cache that cannot be written is only a warning."""
-  folder = os.path.dirname(path)
-  tmp = None
   try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz.part")
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, **arrays), suffix=".npz.part")
   except OSError as e:
     warnings.warn(f"could not write the cache file {path}: {e}", stacklevel=4)
-  finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.remove(tmp)
 
 
 @functools.lru_cache(maxsize=8)

@@ -52,6 +52,8 @@ def parse_args(argv=None):
   p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
   p.add_argument("--no-plots", action="store_true", help="tables only (faster)")
   p.add_argument("--list-detectors", action="store_true", help="list detectors and exit")
+  p.add_argument("--devices", type=int, default=0,
+                 help="spread batches and kNN banks over this many devices (default 0: all)")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() first (multi-host TPU/GPU)")
   p.add_argument("--debug", action="store_true", help="show the traceback of any error")
@@ -134,6 +136,17 @@ def run(args) -> int:
   if args.distributed:
     import jax
     jax.distributed.initialize()
+  from grood_jax import parallel
+  from grood_jax.errors import ConfigError
+  try:
+    mesh = parallel.mesh_for(args.devices)
+  except ValueError as e:
+    raise ConfigError(f"--devices {args.devices}: {e}") from None
+  with parallel.data_parallel(mesh):       # batches split, banks sharded over the devices
+    return _score(args)
+
+
+def _score(args) -> int:
   from grood_jax.checkpoint import CheckpointError
   from grood_jax.detectors import DetectorError, make_detector, parse_detectors
   from grood_jax.data import parse_ood_spec

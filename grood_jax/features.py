@@ -1,6 +1,7 @@
 """Feature extraction: the backbone runs once per dataset, in fixed-size batches.
 
 The last batch is padded to the batch size, so the jitted forward compiles once per shape.
+Inside `parallel.data_parallel(mesh)` each batch is split over the mesh's devices.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grood_jax import parallel
 from grood_jax.data.base import normalize
 
 
@@ -44,10 +46,10 @@ def map_batched(fn: Callable, images_u8: np.ndarray, *, mean, std, batch_size: i
   Returns the pytree of numpy arrays concatenated over the N images.
   """
   outs = []
-  bs = min(batch_size, max(len(images_u8), 1))
+  bs = parallel.round_batch(min(batch_size, max(len(images_u8), 1)))
   for start, stop in batches(len(images_u8), bs):
     xb = pad_batch(images_u8[start:stop], bs)
-    out = fn(jnp.asarray(normalize(xb, mean, std)))
+    out = fn(parallel.put_batch(normalize(xb, mean, std)))
     outs.append(jax.tree.map(lambda a, k=stop - start: np.asarray(a)[:k], out))
     if progress is not None:
       progress(stop - start)

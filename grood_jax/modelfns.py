@@ -20,12 +20,15 @@ import functools
 import jax
 from flax import nnx
 
+from grood_jax import parallel
+
 
 class ModelFns:
 
   def __init__(self, model: nnx.Module):
     model.eval()
-    self.graphdef, self.params = nnx.split(model)
+    self.graphdef, params = nnx.split(model)
+    self.params = parallel.put_params(params)   # replicated inside parallel.data_parallel
     self.num_classes = int(model.num_classes)
     self.feature_dim = int(model.feature_dim)
     self.in_channels = int(getattr(model, "in_channels", 1))

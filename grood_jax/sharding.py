@@ -17,9 +17,8 @@ All of it works unchanged on one device (a mesh of size 1), so callers need no b
 - `make_dp_train_step(loss_fn, optimizer, mesh)`: optax-style data-parallel step, params and
   optimizer state replicated, batch sharded; XLA inserts the gradient all-reduce, so the
   result equals the single-device step up to float summation order.
-  `make_dp_nnx_train_step(graphdef, loss_fn, mesh)`: the same for the training loop's
-  `nnx.split((model, optimizer))` state, with the signature of
-  `training.train_state.make_train_step` (a drop-in replacement).
+  `make_dp_nnx_train_step(graphdef, loss_fn, mesh)`: the training loop's own step
+  (`training.train_state.make_train_step(..., mesh=mesh)`, what train.py runs).
 """
 
 from __future__ import annotations
@@ -33,17 +32,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grood_jax.detectors import _common
+from grood_jax.parallel import make_mesh, replicate  # noqa: F401  (part of this API)
 
 # ------------------------------------------------------------------ mesh and placement
-
-
-def make_mesh(axis: str = "data", devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh over `devices` (default: all of `jax.devices()`) named `axis`."""
-  devices = list(jax.devices() if devices is None else devices)
-  if not devices:
-    raise ValueError("make_mesh: no devices")
-  return jax.make_mesh((len(devices),), (axis,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
 
 
 def _axis(mesh, axis: str | None) -> str:
@@ -51,11 +42,6 @@ def _axis(mesh, axis: str | None) -> str:
   if axis not in mesh.axis_names:
     raise ValueError(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
   return axis
-
-
-def replicate(tree, mesh):
-  """Every leaf fully copied on every device of the mesh."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def shard_batch(tree, mesh, axis: str | None = None):
@@ -238,30 +224,13 @@ def make_dp_train_step(loss_fn: Callable, optimizer, mesh=None, *, axis: str | N
   return run
 
 
-def make_dp_nnx_train_step(graphdef, loss_fn: Callable, mesh=None, *, axis: str | None = None):
-  """Data-parallel form of `training.train_state.make_train_step(graphdef, loss_fn)`.
+def make_dp_nnx_train_step(graphdef, loss_fn: Callable, mesh=None, **kwargs):
+  """`training.train_state.make_train_step(graphdef, loss_fn, mesh=mesh)` (default mesh: all
+  devices): the training loop's own step, data-parallel. Replicate the state first."""
+  from grood_jax.training.train_state import make_train_step
 
-  Same call, `step(state, x, y) -> (state, loss, accuracy)` with `state` from
-  `nnx.split((model, optimizer))`, state donated; the state is replicated over the mesh, the
-  batch split over its leading axis (a multiple of the device count). BatchNorm statistics
-  are over the whole (global) batch, as on one device.
-  """
-  from flax import nnx
-
-  mesh = make_mesh() if mesh is None else mesh
-  axis = _axis(mesh, axis)
-  repl = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P(axis))
-
-  def step(state, x, y):
-    model, optimizer = nnx.merge(graphdef, state)
-    (loss, logits), grads = nnx.value_and_grad(lambda m: loss_fn(m, x, y), has_aux=True)(model)
-    optimizer.update(model, grads)
-    acc = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
-    new_state = jax.lax.with_sharding_constraint(nnx.state((model, optimizer)), repl)
-    return new_state, loss, acc
-
-  return jax.jit(step, in_shardings=(repl, data, data), donate_argnums=0)
+  return make_train_step(graphdef, loss_fn, mesh=make_mesh() if mesh is None else mesh,
+                         **kwargs)
 
 
 def tree_allclose(a: Any, b: Any, rtol: float = 1e-5, atol: float = 1e-6) -> bool:

@@ -156,3 +156,103 @@ def test_block_sizes_for_budget():
     assert words * 4 <= budget and qb >= 1 and bb >= 1
   assert block_sizes_for_budget(5, 100, 8, 1)[0] == 5
   assert block_sizes_for_budget(5, 100, 8, 1)[1] == 100     # small bank: one block, no padding
+
+
+def test_train_loop_data_parallel_on_4_devices_equals_1_device_and_resumes():
+  """train() itself (the loop train.py runs) with config.devices = 1 and 4: same parameters to
+  float tolerance; a run pre-empted on 4 devices resumes bit-identically; GReg+ (k-means on
+  the sharded pool inside the step) runs; a batch that does not split is a ConfigError."""
+  tests_dir = __import__("os").path.dirname(__file__)
+  out = _run4(f"""
+    import sys, tempfile, os
+    sys.path.insert(0, {tests_dir!r})
+    from flax import nnx
+    from test_training import _synthetic_benchmark, _tiny_config
+    from grood_jax.training import loop as loop_lib, train
+    from grood_jax.errors import ConfigError
+    loop_lib.data_lib.load_benchmark = _synthetic_benchmark
+    tmp = tempfile.mkdtemp()
+    leaves = lambda m: [np.asarray(a) for a in jax.tree.leaves(nnx.state(m))]
+    # SGD: Adam divides by sqrt(v), which turns float-order differences in near-zero
+    # gradients into lr-sized steps (measured: 1e-6 for 6 steps, then 3e-4), while SGD keeps
+    # the two runs within 1e-6 over all 20 steps
+    cfg = lambda n: _tiny_config(devices=n, optimizer="sgd", learning_rate=0.05)
+    one = train(cfg(1), tmp + "/one", progress=False, return_model=True)
+    four = train(cfg(4), tmp + "/four", progress=False, return_model=True)
+    assert four["step"] == one["step"] == 20
+    for a, b in zip(leaves(one["model"]), leaves(four["model"])):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(a).max()))
+    import json
+    curve = lambda d: [json.loads(l)["train_loss"] for l in open(tmp + d + "/metrics.jsonl")]
+    np.testing.assert_allclose(curve("/one"), curve("/four"), rtol=1e-5)
+    assert one["test_accuracy"] == four["test_accuracy"]
+    p = next(a for a in jax.tree.leaves(nnx.state(four["model"])) if a.ndim == 4)
+    assert len(p.sharding.device_set) == 4 and p.sharding.is_fully_replicated
+    train(cfg(4), tmp + "/part", progress=False, stop_at_step=13)
+    rest = train(cfg(4), tmp + "/part", progress=False, return_model=True)
+    assert rest["resumed_from"] == 13
+    for a, b in zip(leaves(four["model"]), leaves(rest["model"])):
+      np.testing.assert_array_equal(a, b)
+    gp = _tiny_config(devices=4, loss="gregplus", num_epochs=1)
+    gp.unlock(); gp.aux.num_samples = 512; gp.aux.clusters = 8; gp.aux.kmeans_iters = 3
+    s = train(gp, tmp + "/gp", progress=False)
+    assert s["step"] == 10 and np.isfinite(s["test_accuracy"])
+    try:
+      train(_tiny_config(devices=3), tmp + "/bad", progress=False)
+      raise AssertionError("no error for a batch of 32 over 3 devices")
+    except ConfigError as e:
+      assert "multiple of 3" in str(e), e
+    assert not os.path.exists(tmp + "/bad")
+    print("OK")
+  """)
+  assert "OK" in out
+
+
+def test_every_detector_scores_the_same_inside_data_parallel_on_4_devices():
+  """What score.py does with several devices: inside `parallel.data_parallel(mesh)` the
+  parameters are replicated, every batch loop (features, prototypes, mix-up, GROOD and
+  lowdim gradients, ODIN) splits its batches over the 4 devices and kNN searches a sharded
+  bank. Every detector's scores equal the one-device scores (batch 30: not a multiple of 4,
+  rounded up; 70 train images: ragged last batch)."""
+  out = _run4("""
+    from flax import nnx
+    from grood_jax import parallel
+    from grood_jax.detectors import REGISTRY, Context, Split, make_detector
+    from grood_jax.features import extract
+    from grood_jax.modelfns import ModelFns
+    from grood_jax.models.cnn import SmallCNN
+    rng = np.random.default_rng(0)
+    tr_img = rng.integers(0, 256, (70, 28, 28, 1), dtype=np.uint8)
+    te_img = rng.integers(0, 256, (26, 28, 28, 1), dtype=np.uint8)
+    ov_img = rng.integers(0, 256, (20, 28, 28, 1), dtype=np.uint8)
+
+    def scores(mesh):
+      with parallel.data_parallel(mesh):
+        fns = ModelFns(SmallCNN(num_classes=3, width=4, feature_dim=8, rngs=nnx.Rngs(0)))
+        def split(name, images):
+          f = extract(fns, fns.params, images, mean=0.5, std=0.25, batch_size=30)
+          return Split(name, f.feats, f.logits, images=images,
+                       labels=(np.arange(len(images)) % 3).astype(np.int32))
+        train, test = split("train", tr_img), split("test", te_img)
+        ctx = Context(fns=fns, params=fns.params, mean=0.5, std=0.25, train=train,
+                      ood_val=split("ood_val", ov_img), noise=split("noise", ov_img[::-1]),
+                      batch_size=30)
+        out = {}
+        for name in sorted(REGISTRY):
+          params = {"k": 3} if name in ("knn", "lowdim_knn") else {}
+          if name.startswith("lowdim"):
+            params.update(K=4, batch_size=16)
+          det = make_detector(name, **params)
+          out[name] = np.asarray(det.score(ctx, det.fit(ctx), test), np.float64)
+        if mesh is not None:
+          assert len(fns.params["conv1"]["kernel"].sharding.device_set) == 4
+        return out
+
+    one = scores(None)
+    four = scores(sharding.make_mesh())
+    for name in one:
+      np.testing.assert_allclose(four[name], one[name], rtol=2e-4,
+                                 atol=2e-4 * max(1.0, np.abs(one[name]).max()), err_msg=name)
+    print("OK", len(one))
+  """)
+  assert "OK" in out

@@ -160,8 +160,15 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
   ||q||^2 - 2 q.b + ||b||^2 with one matmul per block at precision HIGHEST, clamped at 0;
   ||b||^2 is computed once per bank block. The bank is put on the device once, block by block
   (one copy); one compilation per (block shapes, k).
-  Raises DetectorError (a ValueError) unless 1 <= k <= N.
+  Raises DetectorError (a ValueError) unless 1 <= k <= N. Inside `parallel.data_parallel`
+  with several devices the bank is split over them (`sharding.sharded_knn_search`, same result).
   """
+  from grood_jax import parallel
+  if parallel.active_mesh() is not None:          # several devices: the bank is sharded
+    from grood_jax import sharding
+    return sharding.sharded_knn_search(queries_QxD, bank_NxD, k, parallel.active_mesh(),
+                                       query_block=query_block, bank_block=bank_block,
+                                       memory_budget=memory_budget)
   queries_QxD = np.asarray(queries_QxD, np.float32)
   bank_NxD = np.asarray(bank_NxD, np.float32)
   if queries_QxD.ndim != 2 or bank_NxD.ndim != 2 or queries_QxD.shape[1] != bank_NxD.shape[1]:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grood_jax import parallel
 from grood_jax.features import batches, pad_batch
 
 WRT = ("ood", "class")
@@ -66,25 +67,53 @@ def _check(wrt: str, method: str = "autodiff"):
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+def pairwise_dists(h_BxD, protos_PxD):
+  """||h_b - p_j|| for every pair, as sqrt(||h||^2 - 2 h.p + ||p||^2) with one matmul (B, P).
+
+  No (B, P, D) difference tensor: B*P*D multiply-adds in one BLAS call instead of an
+  elementwise pass over B*P*D values. Squared distances are clamped at 0. The cancellation
+  error (~1e-7 * ||h||^2) only enters the softmax over the prototypes; the distance a gradient
+  divides by is taken from the explicit difference (see `_per_sample_grads`).
+  """
+  hh_B = jnp.sum(h_BxD * h_BxD, axis=1)
+  pp_P = jnp.sum(protos_PxD * protos_PxD, axis=1)
+  cross_BxP = jnp.matmul(h_BxD, protos_PxD.T, precision=jax.lax.Precision.HIGHEST)
+  return jnp.sqrt(jnp.maximum(hh_B[:, None] - 2.0 * cross_BxP + pp_P[None, :], 0.0))
+
+
+def ncp_loss_from_dists(dists_P, target, tau=1.0):
+  """The NCP loss given the distances to the P prototypes: logsumexp(-d/tau) + d_target/tau."""
+  s_P = -dists_P / tau
+  return jax.nn.logsumexp(s_P) - s_P[target]
+
+
 @functools.partial(jax.jit, static_argnames=("wrt",))
 def _per_sample_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, tau, wrt):
+  # The distances to the prototypes that are not differentiated come from one matmul
+  # (`pairwise_dists`) outside the per-sample grad; inside `vmap(grad)` only the one
+  # differentiated prototype's distance is a (D,) difference. Same loss as `ncp_loss`.
+  dclass_BxC = pairwise_dists(feats_BxD, class_protos_CxD)
   if wrt == "ood":
-    def loss(ood_D, h_D, t):
-      protos_PxD = jnp.concatenate([class_protos_CxD, ood_D[None, :]], axis=0)
-      return ncp_loss(h_D, protos_PxD, t, tau)
-    return jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(ood_proto_D, feats_BxD, targets_B)
+    def loss(ood_D, h_D, t, dc_C):
+      d_P = jnp.concatenate([dc_C, safe_norm(h_D - ood_D)[None]])
+      return ncp_loss_from_dists(d_P, t, tau)
+    return jax.vmap(jax.grad(loss), in_axes=(None, 0, 0, 0))(ood_proto_D, feats_BxD, targets_B,
+                                                             dclass_BxC)
 
-  def loss(p_D, h_D, t):                              # wrt == "class": d/dp_target
-    protos_PxD = jnp.concatenate([class_protos_CxD.at[t].set(p_D), ood_proto_D[None, :]], axis=0)
-    return ncp_loss(h_D, protos_PxD, t, tau)
-  return jax.vmap(jax.grad(loss))(class_protos_CxD[targets_B], feats_BxD, targets_B)
+  dood_B = safe_norm(feats_BxD - ood_proto_D[None, :])
+
+  def loss(p_D, h_D, t, dc_C, do):                    # wrt == "class": d/dp_target
+    d_P = jnp.concatenate([dc_C.at[t].set(safe_norm(h_D - p_D)), do[None]])
+    return ncp_loss_from_dists(d_P, t, tau)
+  return jax.vmap(jax.grad(loss))(class_protos_CxD[targets_B], feats_BxD, targets_B, dclass_BxC,
+                                  dood_B)
 
 
 def per_sample_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, *, wrt="ood", tau=1.0):
   """Per-sample gradient of the NCP loss w.r.t. p_ood (wrt="ood") or p_target ("class"): (B, D).
 
   targets_B are class indices in [0, C) (the classifier's predictions).
-  Memory: B*(C+1)*D floats for the differences h - p_j.
+  Memory: B*(C+1) distances (one matmul) and B*D for the differentiated difference.
   """
   _check(wrt)
   return _per_sample_grads(jnp.asarray(feats_BxD, jnp.float32),
@@ -96,15 +125,13 @@ def per_sample_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, *, wrt
 @functools.partial(jax.jit, static_argnames=("wrt",))
 def _closed_form(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, tau, wrt):
   protos_PxD = jnp.concatenate([class_protos_CxD, ood_proto_D[None, :]], axis=0)
-  diff_BxPxD = feats_BxD[:, None, :] - protos_PxD[None, :, :]
-  dist_BxP = safe_norm(diff_BxPxD)
+  b = jnp.arange(feats_BxD.shape[0])
+  col_B = jnp.full_like(targets_B, class_protos_CxD.shape[0]) if wrt == "ood" else targets_B
+  d_BxD = feats_BxD - protos_PxD[col_B]               # the differentiated prototype, exactly
+  n_B = safe_norm(d_BxD)
+  dist_BxP = pairwise_dists(feats_BxD, protos_PxD).at[b, col_B].set(n_B)
   pi_BxP = jax.nn.softmax(-dist_BxP / tau, axis=-1)
-  if wrt == "ood":
-    d_BxD, n_B, coef_B = diff_BxPxD[:, -1], dist_BxP[:, -1], pi_BxP[:, -1] / tau
-  else:
-    b = jnp.arange(feats_BxD.shape[0])
-    d_BxD, n_B = diff_BxPxD[b, targets_B], dist_BxP[b, targets_B]
-    coef_B = (pi_BxP[b, targets_B] - 1.0) / tau
+  coef_B = pi_BxP[b, col_B] / tau if wrt == "ood" else (pi_BxP[b, col_B] - 1.0) / tau
   unit_BxD = jnp.where(n_B[:, None] > 0, d_BxD / jnp.where(n_B > 0, n_B, 1.0)[:, None], 0.0)
   return coef_B[:, None] * unit_BxD
 
@@ -123,10 +150,11 @@ def closed_form_grad_class(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, 
                       jnp.float32(tau), wrt="class")
 
 
-def default_batch_size(num_protos: int, dim: int, max_elems: int = 1 << 25) -> int:
-  """Largest power-of-two batch (16 .. 1024) whose B*P*D differences stay under max_elems."""
-  bs = 1024
-  while bs > 16 and bs * num_protos * dim > max_elems:
+def default_batch_size(num_protos: int, dim: int, max_elems: int = 1 << 24) -> int:
+  """Largest power-of-two batch (16 .. 4096) whose B*(P + 4*D) live values stay under
+  max_elems (64 MiB of float32: the distances and a few (B, D) arrays)."""
+  bs = 4096
+  while bs > 16 and bs * (num_protos + 4 * dim) > max_elems:
     bs //= 2
   return bs
 
@@ -145,11 +173,11 @@ def batched_grads(feats_NxD, class_protos_CxD, ood_proto_D, targets_N, *, wrt="o
     return np.zeros((0, d), np.float32)
   protos = jnp.asarray(class_protos_CxD, jnp.float32)
   ood = jnp.asarray(ood_proto_D, jnp.float32)
-  bs = min(batch_size or default_batch_size(protos.shape[0] + 1, d), n)
+  bs = parallel.round_batch(min(batch_size or default_batch_size(protos.shape[0] + 1, d), n))
   fn = _per_sample_grads if method == "autodiff" else _closed_form
   out = np.empty((n, d), np.float32)
   for start, stop in batches(n, bs):
-    g = fn(jnp.asarray(pad_batch(feats_NxD[start:stop], bs)), protos, ood,
-           jnp.asarray(pad_batch(targets_N[start:stop], bs)), jnp.float32(tau), wrt=wrt)
+    g = fn(parallel.put_batch(pad_batch(feats_NxD[start:stop], bs)), protos, ood,
+           parallel.put_batch(pad_batch(targets_N[start:stop], bs)), jnp.float32(tau), wrt=wrt)
     out[start:stop] = np.asarray(g)[:stop - start]
   return out

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grood_jax.detectors.base import DetectorError
+from grood_jax import parallel
 from grood_jax.features import batches, pad_batch
 from grood_jax.grood.loss import normalize_feats
 
@@ -54,7 +55,7 @@ def mixup_feats(ctx, early_protos_CxF, *, lam: float = 0.5, n_ood: int = 100, se
   idx = np.sort(rng.choice(n, size=min(n_ood, n), replace=False))
   c2 = runner_up(np.asarray(train.logits)[idx])
   params, fns = ctx.params, ctx.fns
-  bs = min(ctx.batch_size, len(idx))
+  bs = parallel.round_batch(min(ctx.batch_size, len(idx)))
 
   if train.images is None:
     raise DetectorError("grood source 'mixup' needs the images of the train split (the early "
@@ -69,7 +70,7 @@ def mixup_feats(ctx, early_protos_CxF, *, lam: float = 0.5, n_ood: int = 100, se
     parts = []
     for start, stop in batches(len(idx), bs):
       xb = normalize(pad_batch(train.images[idx[start:stop]], bs), ctx.mean, ctx.std)
-      parts.append(np.asarray(early_fn(jnp.asarray(xb)))[:stop - start])
+      parts.append(np.asarray(early_fn(parallel.put_batch(xb)))[:stop - start])
     early_MxF = np.concatenate(parts).astype(np.float32)
 
   z_MxF = np.asarray(mixup_early(jnp.asarray(early_MxF), jnp.asarray(early_protos_CxF, jnp.float32),
@@ -77,7 +78,7 @@ def mixup_feats(ctx, early_protos_CxF, *, lam: float = 0.5, n_ood: int = 100, se
   feats = []
   for start, stop in batches(len(idx), bs):
     zb = pad_batch(z_MxF[start:stop], bs).reshape((bs,) + early_shape)
-    feats.append(np.asarray(fns.jit_from_early(params, jnp.asarray(zb)))[:stop - start])
+    feats.append(np.asarray(fns.jit_from_early(params, parallel.put_batch(zb)))[:stop - start])
   return np.concatenate(feats).astype(np.float32), dict(idx=idx, c2=c2, z=z_MxF)
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from grood_jax import parallel
 from grood_jax.features import batches, pad_batch
 
 
@@ -72,7 +73,7 @@ def early_class_means(fns, params, images_u8: np.ndarray, labels_N, num_classes:
   """
   from grood_jax.data.base import normalize
   labels_N = _check_labels(labels_N, num_classes)
-  bs = min(batch_size, len(images_u8))
+  bs = parallel.round_batch(min(batch_size, len(images_u8)))
 
   @jax.jit
   def batch_sums(x, lab):
@@ -84,10 +85,14 @@ def early_class_means(fns, params, images_u8: np.ndarray, labels_N, num_classes:
     xb = pad_batch(images_u8[start:stop], bs)
     lab = np.full((bs,), num_classes, np.int32)    # padding rows go to the dropped segment
     lab[:stop - start] = labels_N[start:stop]
-    s, c = batch_sums(jnp.asarray(normalize(xb, mean, std)), jnp.asarray(lab))
+    s, c = batch_sums(parallel.put_batch(normalize(xb, mean, std)), parallel.put_batch(lab))
+    # summed on the host in float64 (one small (C, F) transfer per batch): exact enough for
+    # any N, and no chain of queued device programs (with a batch split over several CPU
+    # devices, queued programs whose collectives wait on each other can stall XLA's pool)
+    s, c = np.asarray(s, np.float64), np.asarray(c, np.float64)
     total = s if total is None else total + s
     counts = c if counts is None else counts + c
-  return total / counts[:, None]
+  return jnp.asarray(total / counts[:, None], jnp.float32)
 
 
 def nearest_prototype(feats_NxD, protos_CxD) -> np.ndarray:

@@ -36,6 +36,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from grood_jax.data.base import normalize
+from grood_jax import parallel
 from grood_jax.features import batches, pad_batch
 
 
@@ -81,9 +82,24 @@ def lse_of_params(fns, params):
   return theta_P, y
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def per_sample_grads(fns, params, x_BxHxWxC) -> jax.Array:
-  """G_BxP: row i is d/dθ logsumexp f(x_i) (float32), one vmap(grad) in one jit."""
+  """G_BxP: row i is d/dθ logsumexp f(x_i) (float32), one vmap(grad) in one jit.
+
+  Inside `parallel.data_parallel` with several devices the batch is replicated, not split,
+  for this one function (every device computes all rows): split over the batch, the
+  batch-grouped convolutions that vmap makes of per-sample conv-kernel gradients came out
+  wrong (jax 0.10.2 / XLA CPU, 4 devices: rows of devices 1-3 off by up to 0.17 under SPMD;
+  every row off under an explicit `jax.shard_map`; replicated rows exact). The other batch
+  work (features, GROOD, kNN) is split; tests/test_sharding.py checks every detector.
+  """
+  m = parallel.active_mesh()
+  if m is not None:
+    x_BxHxWxC = parallel.replicate(x_BxHxWxC, m)
+  return _per_sample_grads(fns, params, x_BxHxWxC)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _per_sample_grads(fns, params, x_BxHxWxC) -> jax.Array:
   theta_P, y = lse_of_params(fns, params)
   return jax.vmap(jax.grad(y), in_axes=(None, 0))(theta_P, x_BxHxWxC)
 
@@ -103,13 +119,13 @@ def iter_inputs(images, batch_size: int, mean=None, std=None
   n = len(images)
   if n == 0:
     raise ValueError("lowdim: no images")
-  bs = int(batch_size)
+  bs = parallel.round_batch(int(batch_size))
   for start, stop in batches(n, bs):
     xb = pad_batch(np.asarray(images[start:stop]), bs)
     if mean is not None:
       xb = normalize(xb, mean, std)
     mask = np.arange(bs) < (stop - start)
-    yield jnp.asarray(xb, jnp.float32), jnp.asarray(mask), start, stop
+    yield parallel.put_batch(xb, np.float32), parallel.put_batch(mask), start, stop
 
 
 # ------------------------------------------------------------------ train statistics
@@ -154,7 +170,7 @@ def grad_stats(fns, params, images, *, batch_size: int = 64, mean=None, std=None
   m2_P = jnp.zeros((p,), jnp.float32)
   for x, mask, _, _ in iter_inputs(images, batch_size, mean, std):
     g_BxP = per_sample_grads(fns, params, x)
-    n, mean_P, m2_P = _stats_merge(g_BxP, mask, n, mean_P, m2_P)
+    n, mean_P, m2_P = parallel.settle(_stats_merge(g_BxP, mask, n, mean_P, m2_P))
   var_P = m2_P / jnp.maximum(n, 1.0)
   return {"mean_P": mean_P, "var_P": var_P, "scale_P": grad_scale(var_P, rel_tol),
           "n": int(n)}

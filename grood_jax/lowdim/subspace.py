@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grood_jax import parallel
 from grood_jax.lowdim.grads import iter_inputs, normalize_grads, num_params, per_sample_grads
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -56,8 +57,8 @@ def _gram_step(g_BxP, mask_B, mean_P, scale_P, w_PxL, v_PxL):
 def _gram_apply(fns, params, stats, images, v_PxL, batch_size, mean, std):
   w_PxL = jnp.zeros_like(v_PxL)
   for x, mask, _, _ in iter_inputs(images, batch_size, mean, std):
-    w_PxL = _gram_step(per_sample_grads(fns, params, x), mask, stats["mean_P"],
-                       stats["scale_P"], w_PxL, v_PxL)
+    w_PxL = parallel.settle(_gram_step(per_sample_grads(fns, params, x), mask, stats["mean_P"],
+                                       stats["scale_P"], w_PxL, v_PxL))
   return w_PxL
 
 
@@ -118,9 +119,9 @@ def class_mean_subspace(fns, params, stats: dict, images, labels, num_classes: i
   for x, mask, start, stop in iter_inputs(images, batch_size, mean, std):
     lab = np.zeros(x.shape[0], np.int32)
     lab[:stop - start] = labels[start:stop]
-    sums_CxP, counts_C = _class_sum_step(per_sample_grads(fns, params, x), mask,
-                                         jnp.asarray(lab), stats["mean_P"], stats["scale_P"],
-                                         int(num_classes), sums_CxP, counts_C)
+    sums_CxP, counts_C = parallel.settle(_class_sum_step(
+        per_sample_grads(fns, params, x), mask, parallel.put_batch(lab), stats["mean_P"],
+        stats["scale_P"], int(num_classes), sums_CxP, counts_C))
   means_CxP = sums_CxP / jnp.maximum(counts_C, 1.0)[:, None]
   norms_C = jnp.linalg.norm(means_CxP, axis=1)
   return (means_CxP / jnp.where(norms_C > 0, norms_C, 1.0)[:, None]).T

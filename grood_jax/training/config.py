@@ -18,7 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.name = "cnn"
   c.model.kwargs = ml_collections.ConfigDict()
   c.seed = 0
-  c.batch_size = 128
+  c.batch_size = 128                # global batch, split over the devices
+  c.devices = 0                     # data-parallel over this many devices; 0: all of them
   c.num_epochs = 5
   c.optimizer = "adamw"             # "adamw" | "sgd" (momentum, nesterov)
   c.learning_rate = 3e-3            # peak of the warmup-cosine schedule
@@ -71,7 +72,8 @@ def small_cnn_config(benchmark: str) -> ml_collections.ConfigDict:
   c.model.name = "cnn"
   c.model.kwargs.width = 16
   c.model.kwargs.feature_dim = 128
-  c.batch_size = 128
+  c.batch_size = 128                # global batch, split over the devices
+  c.devices = 0                     # data-parallel over this many devices; 0: all of them
   c.optimizer = "adamw"
   c.weight_decay = 5e-4
   return c

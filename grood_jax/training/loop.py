@@ -9,6 +9,9 @@ with `summary["interrupted"] = True`.
 Losses with auxiliary outliers ("greg", "gregplus"; see grood_jax.training.losses) also get an
 auxiliary loader over `data.load_auxiliary(config.aux.source, ...)` (refused if it overlaps an
 evaluation set), seeded with config.seed + 1 and resumed from the checkpoint like the ID one.
+Data-parallel over `config.devices` devices (0: every device, of every process after
+`jax.distributed.initialize()`): the state is replicated, each global batch split over the
+mesh (grood_jax.parallel); one device is the same code with a mesh of one.
 `config.init_from` (a work directory) initialises the model from that run's newest checkpoint
 (parameters and BatchNorm statistics) when the work directory holds no checkpoint yet; the
 optimizer and schedule start fresh.
@@ -30,6 +33,7 @@ from flax import nnx
 
 from grood_jax import checkpoint
 from grood_jax import data as data_lib
+from grood_jax import parallel
 from grood_jax.models import build_model
 from grood_jax.training import losses
 from grood_jax.training.train_state import create_optimizer, evaluate, make_train_step
@@ -73,6 +77,25 @@ class _Batches:
       return next(self._it)
 
 
+def training_mesh(config):
+  """The data-parallel mesh of `config.devices` devices (0: all); ConfigError if the batch
+  sizes do not split evenly over it."""
+  from grood_jax.errors import ConfigError
+
+  try:
+    mesh = parallel.mesh_for(int(config.get("devices", 0)))
+  except ValueError as e:
+    raise ConfigError(f"config.devices={config.get('devices', 0)}: {e}") from None
+  n_dev = mesh.size
+  sizes = {"batch_size": int(config.batch_size),
+           "auxiliary batch (config.aux)": losses.aux_loader_batch_size(config)}
+  for what, size in sizes.items():
+    if size % n_dev:
+      raise ConfigError(f"{what}={size} does not split over {n_dev} devices; use a multiple of "
+                        f"{n_dev} or set config.devices")
+  return mesh
+
+
 def init_model_from(model, path) -> int:
   """Copies the model state of the newest checkpoint in `path` into `model`; returns its step.
 
@@ -104,6 +127,7 @@ def train(config, workdir, *, progress: bool = True, log: Callable[[str], None] 
   t_start = time.perf_counter()
   log = log or (lambda s: None)
   workdir = os.fspath(workdir)
+  mesh = training_mesh(config)
   os.makedirs(workdir, exist_ok=True)
 
   bench = data_lib.load_benchmark(config.benchmark, data_dir=config.data_dir, seed=config.seed)
@@ -155,8 +179,9 @@ def train(config, workdir, *, progress: bool = True, log: Callable[[str], None] 
     checkpoint.save(workdir, at_step, model, optimizer, config, extra)
 
   graphdef, state = nnx.split((model, optimizer))
+  state = parallel.replicate(state, mesh)
   train_step = make_train_step(graphdef, loss_fn, select_fn=losses.make_aux_selector(config),
-                               seed=config.seed, return_metrics=True)
+                               seed=config.seed, return_metrics=True, mesh=mesh)
   batches = _Batches(loader)
   aux_batches = _Batches(aux_loader) if aux_loader is not None else None
 

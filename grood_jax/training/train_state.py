@@ -15,6 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from grood_jax import parallel
 
 
 def learning_rate_schedule(config, steps_total: int) -> optax.Schedule:
@@ -47,9 +50,16 @@ def create_optimizer(config, steps_total: int) -> optax.GradientTransformation:
 
 
 def make_train_step(graphdef, loss_fn, *, select_fn=None, seed: int = 0,
-                    return_metrics: bool = False):
+                    return_metrics: bool = False, mesh=None):
   """Returns `step(state, x, y, *aux) -> (state, loss, accuracy[, metrics])`, jitted, state
   donated.
+
+  `mesh` (a 1-D `jax.sharding.Mesh`, see grood_jax.parallel): data-parallel training. The
+  state must be replicated over the mesh (`parallel.replicate`) and stays so; x, y and aux
+  (numpy, the global batch, a multiple of the device count) are split over the mesh axis, and
+  XLA inserts the gradient all-reduce. BatchNorm statistics, the loss means and GReg+'s
+  k-means are over the whole global batch, so the step equals the one-device step up to float
+  summation order. On a 1-device mesh it is the one-device step.
 
   `graphdef` comes from `nnx.split((model, optimizer))` with the model in train mode. `aux` is
   passed on to `loss_fn(model, x, y, *aux)` (e.g. an auxiliary outlier batch). With
@@ -75,11 +85,22 @@ def make_train_step(graphdef, loss_fn, *, select_fn=None, seed: int = 0,
     else:
       logits, metrics = out, {}
     acc = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
+    new_state = nnx.state((model, optimizer))
+    if mesh is not None:
+      new_state = jax.lax.with_sharding_constraint(new_state, NamedSharding(mesh, P()))
     if return_metrics:
-      return nnx.state((model, optimizer)), loss, acc, metrics
-    return nnx.state((model, optimizer)), loss, acc
+      return new_state, loss, acc, metrics
+    return new_state, loss, acc
 
-  return jax.jit(step, donate_argnums=0)
+  jitted = jax.jit(step, donate_argnums=0)
+  if mesh is None:
+    return jitted
+
+  def data_parallel_step(state, x, y, *aux):
+    return jitted(state, *(parallel.global_batch(a, mesh) for a in (x, y, *aux)))
+
+  data_parallel_step.jitted = jitted
+  return data_parallel_step
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -8,7 +8,7 @@ plus a random fill make the 128-image auxiliary batch (all inside the jitted ste
   python train.py --config configs/fashion_mnist_6v4_cnn_gregplus.py --workdir runs/gregplus
   python score.py --ckpt runs/gregplus --detectors grood,msp,energy,knn
 
-The paper trains 60 epochs; one epoch (257 steps) keeps this under ~6 minutes on 2 CPU cores.
+The paper trains 60 epochs; three epochs (771 steps) take 8-9 minutes on 2 CPU cores.
 `:smoke` runs end to end in well under a minute on CPU.
 """
 

@@ -1,6 +1,7 @@
 """Training: step, loop, checkpoints, resume, determinism, configs (CPU, tiny data)."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -113,9 +114,15 @@ def test_resume_determinism_and_load_model(synthetic, tmp_path):
   # Pre-empted mid-epoch (step 13), then rerun -> the same parameters.
   part = train(config, tmp_path / "c", progress=False, stop_at_step=13)
   assert part["step"] == 13 and checkpoint.latest_step(tmp_path / "c") == 13
+  # as if killed after logging epoch 2 but before its checkpoint: the resumed run redoes
+  # epoch 2 and logs it once
+  with open(tmp_path / "c" / "metrics.jsonl", "a") as f:
+    f.write('{"epoch": 2, "step": 20, "train_loss": 123.0}\n')
   rest = train(config, tmp_path / "c", progress=False, return_model=True)
   assert rest["resumed_from"] == 13
   _assert_same(straight["model"], rest["model"])
+  epochs = [json.loads(l) for l in open(tmp_path / "c" / "metrics.jsonl")]
+  assert [e["epoch"] for e in epochs] == [1, 2] and epochs[1]["train_loss"] != 123.0
   # load_model rebuilds from the saved config: same parameters, same logits.
   loaded, cfg, step = checkpoint.load_model(tmp_path / "a")
   assert step == 20 and cfg.model.kwargs.width == 4 and cfg.num_epochs == 2

@@ -77,6 +77,26 @@ class _Batches:
       return next(self._it)
 
 
+def _drop_metrics_after(path: str, step: int) -> None:
+  """Removes the metrics.jsonl lines of epochs that end after `step` (a run killed after it
+  logged an epoch but before that epoch's checkpoint redoes the epoch and logs it again)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.read().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      if int(json.loads(line)["step"]) > step:
+        continue
+    except (ValueError, KeyError, TypeError):
+      pass                                  # keep what we cannot read
+    keep.append(line)
+  if len(keep) != len(lines):
+    from grood_jax.fileio import atomic_write_text
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
+
+
 def training_mesh(config):
   """The data-parallel mesh of `config.devices` devices (0: all); ConfigError if the batch
   sizes do not split evenly over it."""
@@ -166,6 +186,7 @@ def train(config, workdir, *, progress: bool = True, log: Callable[[str], None] 
     if aux_loader is not None:
       aux_loader.set_state(extra["aux_loader"])
     resumed_from = step
+    _drop_metrics_after(os.path.join(workdir, "metrics.jsonl"), step)
     log(f"resumed from step {step} in {workdir}")
   elif config.get("init_from"):
     init_step = init_model_from(model, config.init_from)

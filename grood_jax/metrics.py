@@ -61,8 +61,9 @@ def auroc(scores_id, scores_ood) -> float:
   return twice_u / (2 * s_id.size * s_ood.size)
 
 
-def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
-  """sklearn's average precision; higher score = more positive."""
+def _counts_per_threshold(pos: np.ndarray, neg: np.ndarray):
+  """(thresholds descending, true positives, false positives) when accepting score >= each
+  distinct score; higher score = more positive."""
   s = np.concatenate([pos, neg])
   y = np.concatenate([np.ones(pos.size, np.int64), np.zeros(neg.size, np.int64)])
   order = np.argsort(-s, kind="mergesort")
@@ -70,7 +71,12 @@ def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
   # Last index of each run of tied scores: one threshold per distinct score.
   last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
   tps = np.cumsum(y)[last]
-  fps = (last + 1) - tps
+  return s[last], tps, (last + 1) - tps
+
+
+def _average_precision(pos: np.ndarray, neg: np.ndarray) -> float:
+  """sklearn's average precision; higher score = more positive."""
+  _, tps, fps = _counts_per_threshold(pos, neg)
   precision = tps / (tps + fps)
   recall = tps / pos.size
   return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
@@ -144,16 +150,10 @@ def roc_curve(scores_id, scores_ood) -> tuple[np.ndarray, np.ndarray, np.ndarray
   threshold +inf, as sklearn's roc_curve(..., drop_intermediate=False).
   """
   s_id, s_ood = _check(scores_id, scores_ood)
-  s = np.concatenate([s_id, s_ood])
-  y = np.concatenate([np.ones(s_id.size, np.int64), np.zeros(s_ood.size, np.int64)])
-  order = np.argsort(-s, kind="mergesort")
-  s, y = s[order], y[order]
-  last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]
-  tps = np.cumsum(y)[last]
-  fps = (last + 1) - tps
+  distinct, tps, fps = _counts_per_threshold(s_id, s_ood)
   fpr = np.r_[0.0, fps / s_ood.size]
   tpr = np.r_[0.0, tps / s_id.size]
-  thresholds = np.r_[np.inf, s[last]]
+  thresholds = np.r_[np.inf, distinct]
   return fpr, tpr, thresholds
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grood_jax.detectors import _common
-from grood_jax.parallel import make_mesh, replicate  # noqa: F401  (part of this API)
+from grood_jax.parallel import global_batch, make_mesh, replicate  # noqa: F401  (API)
 
 # ------------------------------------------------------------------ mesh and placement
 
@@ -45,17 +45,15 @@ def _axis(mesh, axis: str | None) -> str:
 
 
 def shard_batch(tree, mesh, axis: str | None = None):
-  """Every leaf's leading axis split over the mesh axis (it must divide by the device count).
-
-  For scoring and training batches: pad the batch first (`features.pad_batch`) if needed.
-  """
+  """Every leaf's leading axis split over the mesh axis (`parallel.global_batch` per leaf; it
+  must divide by the device count). Pad the batch first (`features.pad_batch`) if needed."""
   axis = _axis(mesh, axis)
   n_dev = mesh.shape[axis]
   for leaf in jax.tree.leaves(tree):
     if np.ndim(leaf) == 0 or np.shape(leaf)[0] % n_dev:
       raise ValueError(f"shard_batch: leading axis of shape {np.shape(leaf)} is not a multiple "
                        f"of the {n_dev} devices on mesh axis {axis!r}; pad the batch first")
-  return jax.device_put(tree, NamedSharding(mesh, P(axis)))
+  return jax.tree.map(lambda leaf: global_batch(leaf, mesh, axis), tree)
 
 
 # ------------------------------------------------------------------ sharded exact search

@@ -57,7 +57,7 @@ def main():
   ap.add_argument("--subset", type=int, default=500, help="samples timed in the torch loop")
   args = ap.parse_args()
   from grood_jax import features
-  from grood_jax.detectors._common import knn_search
+  from grood_jax.ops import knn_search
   from grood_jax.grood import loss as L
   from grood_jax.grood import prototypes as P
   from grood_jax.modelfns import ModelFns

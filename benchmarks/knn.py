@@ -59,7 +59,7 @@ def build_ivf(faiss, bank, nprobe=4, seed=0):
 
 def methods(queries, bank, k=1):
   """name -> zero-argument callable returning (dists, idx)."""
-  from grood_jax.detectors._common import knn_search
+  from grood_jax.ops import knn_search
   faiss = _util.optional("faiss")
   out = {"ours": lambda: knn_search(queries, bank, k)}
   if faiss is not None:
@@ -105,7 +105,7 @@ def main():
   faiss = _util.optional("faiss")
   if faiss is not None:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-  from grood_jax.detectors._common import knn_search
+  from grood_jax.ops import knn_search
   rows = []
   for n in banks:
     q_all, bank = make_data(n, n_query, dim)

@@ -1,4 +1,4 @@
-"""Data-parallel training steps/s on 1, 2 and 4 devices (`sharding.make_dp_nnx_train_step`).
+"""Data-parallel training steps/s on 1, 2 and 4 devices (`training.train_state.make_train_step(..., mesh=mesh)`).
 
 One fresh subprocess per device count, with `jax_num_cpu_devices` set before JAX starts. On a
 CPU host the "devices" are virtual and share the same cores, so this measures the overhead of
@@ -33,7 +33,7 @@ def worker(args):
   import jax.numpy as jnp
   import optax
   from flax import nnx
-  from grood_jax import sharding
+  from grood_jax import parallel
   from grood_jax.models.cnn import SmallCNN
   from grood_jax.training.train_state import make_train_step
 
@@ -50,7 +50,7 @@ def worker(args):
   bs = args["batch"]
   xs = [rng.standard_normal((bs, 28, 28, 1), dtype=np.float32) for _ in range(4)]
   ys = [rng.integers(0, 10, bs).astype(np.int32) for _ in range(4)]
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   out = {"devices": len(jax.devices())}
 
   def rate(step, state, place):
@@ -65,8 +65,8 @@ def worker(args):
     return args["steps"] / (time.perf_counter() - t)
 
   g, st = fresh()
-  out["dp_steps_per_s"] = rate(sharding.make_dp_nnx_train_step(g, ce, mesh), st,
-                               lambda s: sharding.replicate(s, mesh))
+  out["dp_steps_per_s"] = rate(make_train_step(g, ce, mesh=mesh), st,
+                               lambda s: parallel.replicate(s, mesh))
   if args["devices"] == 1:
     g, st = fresh()
     out["library_steps_per_s"] = rate(make_train_step(g, ce), st, lambda s: s)

@@ -22,6 +22,7 @@ step cannot be read, restoring falls back to the previous readable step with a w
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -38,8 +39,7 @@ MAX_TO_KEEP = 3
 _SUBDIR = "checkpoints"
 
 
-class CheckpointError(ValueError):
-  """A missing, empty, foreign or unreadable checkpoint; the message says which and where."""
+from grood_jax.errors import CheckpointError, OutputError  # noqa: E402  (the errors leaf)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -122,6 +122,47 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
+def _os_error(e: BaseException) -> OSError | None:
+  """The first OSError in `e`'s cause/context chain (orbax wraps tensorstore/file errors)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno is not None:
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _not_ours(step_dir: str, why: str) -> CheckpointError:
+  return CheckpointError(f"{step_dir} is not a grood_jax checkpoint or is unreadable: {why}")
+
+
+def _positive_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_item(step_dir: str, name: str, value) -> None:
+  """CheckpointError unless a restored JSON item has the shape grood_jax writes."""
+  if name in ("config", "extra"):
+    if not isinstance(value, dict):
+      raise _not_ours(step_dir, f"its '{name}' is a JSON {type(value).__name__}, not an object")
+    return
+  if name != "meta":
+    return
+  if not isinstance(value, dict) or value.get("format") != FORMAT:
+    raise _not_ours(step_dir, "bad 'meta' (no grood_jax format marker)")
+  m = value.get("model")
+  if not isinstance(m, dict):
+    raise _not_ours(step_dir, "'meta' has no model description")
+  if not isinstance(m.get("name"), str) or not m["name"]:
+    raise _not_ours(step_dir, "'meta' does not name its model")
+  for key in ("num_classes", "in_channels"):
+    if not _positive_int(m.get(key)):
+      raise _not_ours(step_dir, f"'meta' has no valid model.{key} ({m.get(key)!r})")
+  if not isinstance(m.get("kwargs", {}) or {}, dict):
+    raise _not_ours(step_dir, "'meta' model.kwargs is not an object")
+
+
 def _read_step(root: str, step: int, items: dict[str, Any]) -> dict[str, Any]:
   """Restore `items` (name -> ocp.args restore arg) of one step; CheckpointError on failure."""
   step_dir = os.path.join(root, str(step))
@@ -141,9 +182,8 @@ def _read_step(root: str, step: int, items: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint step {step} in {root}: item '{name}' ({os.path.join(step_dir, name)}) "
             f"is unreadable: {_first_line(e)}") from e
-      if name == "meta" and (not isinstance(result["meta"], dict)
-                             or result["meta"].get("format") != FORMAT):
-        raise CheckpointError(f"{step_dir} is not a grood_jax checkpoint (bad 'meta')")
+      if isinstance(arg, ocp.args.JsonRestore):
+        _check_item(step_dir, name, result[name])
     return result
   finally:
     mngr.close()
@@ -223,10 +263,18 @@ def save(workdir, step: int, model: nnx.Module, optimizer_state, config, extra: 
       saved = mngr.save(int(step), args=ocp.args.Composite(**items), force=True)
       mngr.wait_until_finished()
     except Exception as e:
+      os_err = _os_error(e)
+      if os_err is not None:
+        what = ("no space left on device: free some space on that disk" if os_err.errno ==
+                errno.ENOSPC else f"{os_err.strerror or os_err} (errno {os_err.errno})")
+        raise OutputError(f"could not save step {step} to {root}: {what}") from e
       raise CheckpointError(f"could not save step {step} to {root}: {_first_line(e)}") from e
     return bool(saved)
   finally:
-    mngr.close()
+    try:
+      mngr.close()
+    except Exception:  # noqa: BLE001 - closing after a failed save must not mask its error
+      pass
 
 
 def latest_step(workdir) -> int | None:
@@ -275,7 +323,14 @@ def load_config(ckpt_dir, step: int | None = None) -> ml_collections.ConfigDict:
   steps = _list_steps(root)
   step = steps[-1] if step is None else step
   out = _read_step(root, step, {"config": ocp.args.JsonRestore()})
-  return ml_collections.ConfigDict(out["config"])
+  return _config_dict(out["config"], os.path.join(root, str(step)))
+
+
+def _config_dict(tree: dict, step_dir: str) -> ml_collections.ConfigDict:
+  try:
+    return ml_collections.ConfigDict(tree)
+  except Exception as e:  # noqa: BLE001 - ml_collections raises several types for odd trees
+    raise _not_ours(step_dir, f"its 'config' cannot be read ({_first_line(e)})") from e
 
 
 def load_model(ckpt_dir, step: int | None = None
@@ -299,7 +354,7 @@ def load_model(ckpt_dir, step: int | None = None
     try:
       return build_model(m["name"], num_classes=int(m["num_classes"]),
                          in_channels=int(m["in_channels"]), seed=0, **(m.get("kwargs") or {}))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, KeyError) as e:
       raise CheckpointError(f"cannot rebuild model {m['name']!r} from {root}: "
                             f"{_first_line(e)}") from e
 
@@ -312,12 +367,12 @@ def load_model(ckpt_dir, step: int | None = None
                                "config": ocp.args.JsonRestore()})
     try:
       nnx.replace_by_pure_dict(state, out["model"])
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f"checkpoint step {s} in {root} does not match model "
                             f"{meta['model']['name']!r}: {_first_line(e)}") from e
     nnx.update(model, state)
     model.eval()
-    return model, ml_collections.ConfigDict(out["config"])
+    return model, _config_dict(out["config"], os.path.join(root, str(s)))
 
   if step is not None:
     model, config = read(step)

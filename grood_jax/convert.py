@@ -26,10 +26,8 @@ BatchNorm uses PyTorch's epsilon 1e-5, so eval-mode outputs match PyTorch's.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -49,8 +47,7 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "r
 _SHOW = 10
 
 
-class ConversionError(ValueError):
-  """Weights that cannot be read or do not fit the chosen architecture; one-line message."""
+from grood_jax.errors import ConversionError  # noqa: E402  (defined in the errors leaf)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -321,43 +318,6 @@ def convert(weights, arch: str, out, benchmark: str, *, num_classes: int | None 
   return model
 
 
-# ----------------------------------------------------------------------------- CLI
-
-
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m grood_jax.convert", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--from", dest="arch", required=True, choices=sorted(ARCHS),
-                 help="architecture and key layout of the weights")
-  p.add_argument("--weights", required=True, help=".pth/.ckpt (needs torch), .npz or .safetensors")
-  p.add_argument("--out", required=True, help="checkpoint directory to create (score.py --ckpt)")
-  p.add_argument("--benchmark", required=True,
-                 help="benchmark the model was trained for: cifar10, cifar100, imagenet200, "
-                      "imagenet1k, or any registered name")
-  p.add_argument("--num-classes", type=int, help="class count (default: the benchmark's, or "
-                 "fc.weight's rows for other benchmarks)")
-  p.add_argument("--image-size", type=int, help="input size recorded in the config (default: "
-                 "the benchmark's)")
-  p.add_argument("--debug", action="store_true", help="show tracebacks")
-  return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  from grood_jax.checkpoint import CheckpointError
-  try:
-    model = convert(args.weights, args.arch, args.out, args.benchmark,
-                    num_classes=args.num_classes, image_size=args.image_size)
-  except (ConversionError, CheckpointError, OSError) as e:
-    if args.debug:
-      raise
-    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    print(f"error: {msg}", file=sys.stderr)
-    return 2
-  print(f"wrote {args.out}: {ARCHS[args.arch][0]}, {model.num_classes} classes, benchmark "
-        f"{args.benchmark}; score it with: python score.py --ckpt {args.out}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+if __name__ == "__main__":          # python -m grood_jax.convert: the grood-convert command
+  from grood_jax.cli.convert import entry
+  entry()

@@ -1,41 +1,50 @@
-"""The errors the command lines turn into one line.
+"""Every exception grood_jax raises on purpose, in one leaf module (it imports nothing).
 
-User errors (`USER_ERRORS`): bad input the user can fix — data, detectors, checkpoints, configs,
-output paths. The command lines print `error: <message>` and exit with status 2.
+`UserError` is the base of bad input a user can fix — data, detectors, checkpoints, configs,
+conversions, output paths. The command lines print `error: <message>` (one line) and exit with
+status 2; library callers can catch `grood_jax.UserError` (a ValueError) once.
 
 `ScoringError` is not the user's input: a model or detector that produced non-finite scores.
-score.py prints it on one line too, but exits with status 1 (an internal failure), like any
-other unexpected exception (which also prints its traceback).
+The command lines print it on one line too, but exit with status 1 (an internal failure).
 """
 
 from __future__ import annotations
 
 
-class OutputError(ValueError):
+class UserError(ValueError):
+  """Bad input the user can fix; the message says what to fix."""
+
+
+class DataError(UserError):
+  """A data set, image source or benchmark that cannot be used as given."""
+
+
+class DetectorError(UserError):
+  """Unknown detector or parameter, or a detector that cannot run: the message says why."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint directory that is missing, unreadable or not a grood_jax checkpoint."""
+
+
+class ConfigError(UserError):
+  """A training config value that cannot work (unknown loss, optimizer, model, ...)."""
+
+
+class ConversionError(UserError):
+  """Weights that cannot be converted to a grood_jax model."""
+
+
+class OutputError(UserError):
   """An output path that cannot be written."""
 
 
-class ConfigError(ValueError):
-  """A training config value that cannot work (unknown loss, optimizer, model, ...)."""
+class LockError(UserError):
+  """A directory another process is writing to (its lock is held)."""
 
 
 class ScoringError(RuntimeError):
   """A detector or model failed on valid input (e.g. NaN/Inf scores): not a user error."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-  from grood_jax.data.base import DataError
-  from grood_jax.detectors.base import DetectorError
-  errs: list[type[BaseException]] = [DataError, DetectorError, OutputError, ConfigError]
-  try:
-    from grood_jax.checkpoint import CheckpointError
-    errs.append(CheckpointError)
-  except ImportError:
-    pass
-  return tuple(errs)
-
-
-def __getattr__(name):
-  if name == "USER_ERRORS":
-    return _user_errors()
-  raise AttributeError(name)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)

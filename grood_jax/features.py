@@ -72,3 +72,11 @@ def extract(fns, params, images_u8: np.ndarray, *, mean, std, batch_size: int = 
   out = map_batched(fwd, images_u8, mean=mean, std=std, batch_size=batch_size, progress=progress)
   return Features(feats=out["feats"].astype(np.float32), logits=out["logits"].astype(np.float32),
                   early=out.get("early"))
+
+
+def early_features(fns, params, images_u8: np.ndarray, *, mean, std, batch_size: int = 256,
+                   progress=None) -> np.ndarray:
+  """Flattened early feature maps e(x) of every image: numpy (N, F), one jitted function
+  (`fns.jit_early_flat`) in fixed-size padded batches."""
+  return map_batched(lambda x: fns.jit_early_flat(params, x), images_u8, mean=mean, std=std,
+                     batch_size=batch_size, progress=progress)

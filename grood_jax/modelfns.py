@@ -9,6 +9,9 @@ a parameter pytree and exposes the backbone interface as pure functions:
   fns.head(params, h_BxD)          -> f_BxC
   fns.forward(params, x)           -> (e, h, f)
   fns.logits(params, x)            -> f
+  fns.early_shape(params, (H, W, C)) -> the early map's shape of one image (He, We, Ce)
+
+`jit_forward`, `jit_from_early`, `jit_early_flat` are their jitted forms (built once per model).
 
 `fns.params` holds the model's current parameters (and BatchNorm statistics).
 """
@@ -53,6 +56,19 @@ class ModelFns:
 
   def logits(self, params, x):
     return self._merge(params)(x)
+
+  def early_flat(self, params, x):
+    e = self._merge(params).early(x)
+    return e.reshape(e.shape[0], -1)
+
+  def early_shape(self, params, image_shape: tuple) -> tuple:
+    """Shape of one image's early feature map (no computation: `jax.eval_shape`)."""
+    x0 = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jax.numpy.float32)
+    return tuple(jax.eval_shape(lambda x: self.early(params, x), x0).shape[1:])
+
+  @functools.cached_property
+  def jit_early_flat(self):
+    return jax.jit(self.early_flat)
 
   @functools.cached_property
   def jit_forward(self):

@@ -9,8 +9,13 @@ a TPU slice, and on one device it is exactly the single-device computation (no b
 Scoring code does not take a mesh argument: `score.py` enters `data_parallel(mesh)`, and
 inside it `ModelFns` replicates the parameters, every batch loop rounds its batch size to a
 multiple of the device count (`round_batch`) and places batches with `put_batch`, and
-`detectors._common.knn_search` searches a bank sharded over the mesh
-(`sharding.sharded_knn_search`). Outside such a block everything stays on the default device.
+`ops.knn_search` searches a bank sharded over the mesh (`ops.sharded_knn_search`). Outside
+such a block everything stays on the default device.
+
+This module is the one home of the device mesh and placement: `make_mesh`, `mesh_for`,
+`mesh_axis`, `replicate`, `global_batch`, `shard_batch`, `data_parallel`, `active_mesh`,
+`round_batch`, `put_batch`, `put_params`, `settle`. The data-parallel train step is
+`training.train_state.make_train_step(..., mesh=mesh)`.
 
 Multi-host (after `jax.distributed.initialize()`): every process computes the same global
 batch (same seed, same order) and contributes the rows of its own devices
@@ -48,12 +53,21 @@ def mesh_for(num_devices: int = 0) -> jax.sharding.Mesh:
   return make_mesh(devices=devices[:n])
 
 
+def mesh_axis(mesh, axis: str | None = None) -> str:
+  """`axis`, or the mesh's first axis when None; ValueError if the mesh has no such axis."""
+  axis = mesh.axis_names[0] if axis is None else axis
+  if axis not in mesh.axis_names:
+    raise ValueError(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
+  return axis
+
+
 def axis_size(mesh, axis: str | None = None) -> int:
-  return int(mesh.shape[mesh.axis_names[0] if axis is None else axis])
+  """Number of devices along `axis` (default: the first)."""
+  return int(mesh.shape[mesh_axis(mesh, axis)])
 
 
 def replicate(tree, mesh):
-  """Every leaf fully copied on every device of the mesh."""
+  """Every leaf fully copied on every device of the mesh (parameters, optimiser state)."""
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
@@ -63,7 +77,7 @@ def global_batch(x, mesh, axis: str | None = None) -> jax.Array:
   Its length must be a multiple of the mesh size. On several processes each one contributes
   the rows that belong to its devices (the mesh lists devices process by process).
   """
-  axis = mesh.axis_names[0] if axis is None else axis
+  axis = mesh_axis(mesh, axis)
   n_dev = axis_size(mesh, axis)
   n = np.shape(x)[0]
   if n % n_dev:
@@ -77,6 +91,18 @@ def global_batch(x, mesh, axis: str | None = None) -> jax.Array:
   i = jax.process_index()
   x = np.asarray(x)
   return jax.make_array_from_process_local_data(sharding, x[i * per:(i + 1) * per], x.shape)
+
+
+def shard_batch(tree, mesh, axis: str | None = None):
+  """Every leaf's leading axis split over the mesh axis (`global_batch` per leaf; it must
+  divide by the device count). Pad the batch first (`features.pad_batch`) if needed."""
+  axis = mesh_axis(mesh, axis)
+  n_dev = mesh.shape[axis]
+  for leaf in jax.tree.leaves(tree):
+    if np.ndim(leaf) == 0 or np.shape(leaf)[0] % n_dev:
+      raise ValueError(f"shard_batch: leading axis of shape {np.shape(leaf)} is not a multiple "
+                       f"of the {n_dev} devices on mesh axis {axis!r}; pad the batch first")
+  return jax.tree.map(lambda leaf: global_batch(leaf, mesh, axis), tree)
 
 
 # ------------------------------------------------------------------ the active scoring mesh

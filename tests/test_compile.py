@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from grood_jax import features
-from grood_jax.detectors import _common
+from grood_jax.ops import knn as _common
 from grood_jax.grood import loss as grood_loss
 from grood_jax.modelfns import ModelFns
 from grood_jax.models.cnn import SmallCNN
@@ -57,7 +57,7 @@ def test_extract_compiles_once_per_shape():
 def test_batched_grads_compiles_once_per_shape():
   rng = np.random.default_rng(1)
   protos, ood = rng.normal(size=(4, 8)), rng.normal(size=(8,))
-  for method, fn in [("autodiff", grood_loss._per_sample_grads),
+  for method, fn in [("autodiff", grood_loss._prototype_grads),
                      ("closed_form", grood_loss._closed_form)]:
     grood_loss.batched_grads(rng.normal(size=(35, 8)), protos, ood, rng.integers(0, 4, 35),
                              batch_size=16, method=method)

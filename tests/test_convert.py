@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from grood_jax import convert as conv
+from grood_jax.cli import convert as convert_cli
 from grood_jax.convert import ConversionError
 
 try:
@@ -273,9 +274,9 @@ def test_checkpoint_round_trip_and_cli(r18, tmp_path, capsys):
   pth = tmp_path / "best.ckpt"
   torch.save({"module." + k: v for k, v in r18.state_dict().items()}, pth)
   out = tmp_path / "ckpt"
-  rc = conv.main(["--from", "openood-resnet18-32", "--weights", str(pth), "--out", str(out),
+  rc = convert_cli.main(["--from", "openood-resnet18-32", "--weights", str(pth), "--out", str(out),
                   "--benchmark", "cifar10"])
-  assert rc == 0 and "score.py --ckpt" in capsys.readouterr().out
+  assert rc == 0 and "grood-score --ckpt" in capsys.readouterr().out
   model, config, step = load_model(out)
   assert step == 0 and config.benchmark == "cifar10" and config.model.name == "resnet18"
   assert config.num_classes == 10 and config.image_size == 32
@@ -283,12 +284,12 @@ def test_checkpoint_round_trip_and_cli(r18, tmp_path, capsys):
   x = np.random.default_rng(3).normal(size=(2, 3, 32, 32)).astype(np.float32)
   _compare(r18, model, x)
   # a second conversion into the same directory is refused, not silently merged
-  rc = conv.main(["--from", "openood-resnet18-32", "--weights", str(pth), "--out", str(out),
+  rc = convert_cli.main(["--from", "openood-resnet18-32", "--weights", str(pth), "--out", str(out),
                   "--benchmark", "cifar10"])
   err = capsys.readouterr().err
   assert rc == 2 and "already holds a checkpoint" in err
   # a class-count mismatch is a one-line error naming fc
-  rc = conv.main(["--from", "openood-resnet18-32", "--weights", str(pth),
+  rc = convert_cli.main(["--from", "openood-resnet18-32", "--weights", str(pth),
                   "--out", str(tmp_path / "c100"), "--benchmark", "cifar100"])
   err = capsys.readouterr().err
   assert rc == 2 and "fc.weight (expected (100, 512), got (10, 512))" in err

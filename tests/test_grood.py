@@ -65,7 +65,7 @@ def problem():
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 def test_grad_ood_matches_closed_form_and_fd(problem, tau):
   class_protos, ood, feats, targets = problem
-  g = np.asarray(loss.per_sample_grads(feats, class_protos, ood, targets, wrt="ood", tau=tau))
+  g = np.asarray(loss.prototype_grads(feats, class_protos, ood, targets, wrt="ood", tau=tau))
   cf = np.asarray(loss.closed_form_grad_ood(feats, class_protos, ood, tau=tau))
   np.testing.assert_allclose(g, cf, atol=1e-5)
   np.testing.assert_allclose(g, np_grood_grads(feats, class_protos, ood, tau), atol=1e-5)
@@ -89,7 +89,7 @@ def test_ncp_loss_matches_numpy(problem):
 
 def test_grad_ood_independent_of_target(problem):
   class_protos, ood, feats, _ = problem
-  grads = [np.asarray(loss.per_sample_grads(feats, class_protos, ood,
+  grads = [np.asarray(loss.prototype_grads(feats, class_protos, ood,
                                             np.full(len(feats), t, np.int32)))
            for t in range(len(class_protos))]
   for g in grads[1:]:
@@ -99,7 +99,7 @@ def test_grad_ood_independent_of_target(problem):
 @pytest.mark.parametrize("tau", [1.0, 3.0])
 def test_grad_class_matches_fd_and_closed_form(problem, tau):
   class_protos, ood, feats, targets = problem
-  g = np.asarray(loss.per_sample_grads(feats, class_protos, ood, targets, wrt="class", tau=tau))
+  g = np.asarray(loss.prototype_grads(feats, class_protos, ood, targets, wrt="class", tau=tau))
   cf = np.asarray(loss.closed_form_grad_class(feats, class_protos, ood, targets, tau=tau))
   np.testing.assert_allclose(g, cf, atol=1e-5)
   protos64 = np.concatenate([class_protos, ood[None]]).astype(np.float64)
@@ -114,20 +114,20 @@ def test_grads_finite_at_prototypes(problem):
   feats = np.stack([ood, class_protos[1], class_protos[2]])
   targets = np.array([0, 1, 0], np.int32)
   for wrt in ("ood", "class"):
-    g = np.asarray(loss.per_sample_grads(feats, class_protos, ood, targets, wrt=wrt))
+    g = np.asarray(loss.prototype_grads(feats, class_protos, ood, targets, wrt=wrt))
     assert np.isfinite(g).all(), wrt
-  g = np.asarray(loss.per_sample_grads(feats, class_protos, ood, targets, wrt="ood"))
+  g = np.asarray(loss.prototype_grads(feats, class_protos, ood, targets, wrt="ood"))
   np.testing.assert_array_equal(g[0], 0.0)           # zero at the kink
   np.testing.assert_allclose(g, np.asarray(loss.closed_form_grad_ood(feats, class_protos, ood)),
                              atol=1e-6)
-  gc = np.asarray(loss.per_sample_grads(feats, class_protos, ood, targets, wrt="class"))
+  gc = np.asarray(loss.prototype_grads(feats, class_protos, ood, targets, wrt="class"))
   np.testing.assert_array_equal(gc[1], 0.0)          # h == p_target
   assert np.isfinite(np.asarray(jax.grad(loss.safe_norm)(jnp.zeros(3)))).all()
 
 
 def test_batched_grads_padding_and_methods(problem):
   class_protos, ood, feats, targets = problem
-  full = np.asarray(loss.per_sample_grads(feats, class_protos, ood, targets))
+  full = np.asarray(loss.prototype_grads(feats, class_protos, ood, targets))
   for method in ("autodiff", "closed_form"):
     got = loss.batched_grads(feats, class_protos, ood, targets, method=method, batch_size=3)
     np.testing.assert_allclose(got, full, atol=1e-6)
@@ -144,8 +144,6 @@ def test_class_means():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"class\(es\) \[3\]"):
     prototypes.class_means(feats, labels, 4)
-  p = prototypes.Prototypes(class_protos_CxD=jnp.asarray(got), ood_proto_D=jnp.zeros(5))
-  assert len(jax.tree.leaves(p)) == 2 and p.all_protos_PxD.shape == (4, 5)
 
 
 # -- search --------------------------------------------------------------------------------
@@ -198,12 +196,10 @@ def test_noise_keeps_lowest_logsumexp():
   keep_all = ood_sources.noise_keep(logits, n_ood=1000)             # 4 full batches + 50 rows
   assert len(keep_all) == 45
   feats = rng.normal(size=(450, 5)).astype(np.float32)
-  ctx = Context(fns=None, params=None, mean=0, std=1, train=None,
-                noise=Split("noise", feats, logits))
-  p, info = ood_sources.ood_prototype("noise", ctx, np.zeros((3, 5)), n_ood=40)
+  p, info = ood_sources.ood_prototype("noise", np.zeros((3, 5)), n_ood=40, noise=(feats, logits))
   np.testing.assert_allclose(p, feats[np.sort(want)].mean(0), rtol=1e-5, atol=1e-6)
-  with pytest.raises(DetectorError, match="ood_val"):
-    ood_sources.ood_prototype("oodval", ctx, np.zeros((3, 5)))
+  with pytest.raises(DetectorError, match="OOD validation set"):
+    ood_sources.ood_prototype("oodval", np.zeros((3, 5)))
 
 
 # -- end to end on a tiny model ------------------------------------------------------------
@@ -268,8 +264,8 @@ def test_mixup_source(tiny):
   early = ctx.early_of(tr)                                             # (N, F) reference
   q = np.stack([early[tr.labels == c].mean(0) for c in range(3)])
   np.testing.assert_allclose(state["early_protos"], q, rtol=1e-4, atol=1e-5)
-  p, info = ood_sources.ood_prototype("mixup", ctx, state["class_protos"], state["early_protos"],
-                                      lam=0.25, n_ood=20, seed=ctx.seed)
+  p, info = make_detector("grood", source="mixup", lam=0.25, n_ood=20).ood_prototype(
+      ctx, state["class_protos"], state["early_protos"])
   np.testing.assert_allclose(p, state["ood_proto"], rtol=1e-5, atol=1e-6)
   idx = info["idx"]
   assert len(idx) == 20 and len(set(idx)) == 20

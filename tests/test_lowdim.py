@@ -33,7 +33,7 @@ def tiny():
   x = jnp.asarray((images.astype(np.float32) / 255 - MEAN) / STD)
   # Materialised G in batches of the same shape the streaming passes use (one compilation).
   xp = jnp.concatenate([x, jnp.repeat(x[-1:], 3 * BS - N_TRAIN, axis=0)])
-  g = np.concatenate([np.asarray(lowdim.per_sample_grads(fns, fns.params, xp[i:i + BS]))
+  g = np.concatenate([np.asarray(lowdim.param_grads(fns, fns.params, xp[i:i + BS]))
                       for i in range(0, 3 * BS, BS)])[:N_TRAIN].astype(np.float64)
   return {"model": model, "fns": fns, "images": images, "labels": labels, "x": x, "G": g}
 
@@ -48,7 +48,7 @@ def _normalised(t, stats):
                                                                           np.float64)
 
 
-def test_per_sample_grads_match_a_loop(tiny):
+def test_param_grads_match_a_loop(tiny):
   model, x, g = tiny["model"], tiny["x"], tiny["G"]
   assert g.shape == (N_TRAIN, lowdim.num_params(tiny["fns"].params)) == (N_TRAIN, 461)
 
@@ -165,7 +165,6 @@ def test_detectors_fit_and_score(tiny, subspace):
   ctx = _ctx(tiny)
   kw = dict(subspace=subspace, K=4, n_fit=32, batch_size=BS, power_iters=1)
   dets = {n: make_detector(n, **kw) for n in ("lowdim_knn", "lowdim_msp", "lowdim_energy")}
-  assert all(type(d).needs_model for d in dets.values())
   states = {n: d.fit(ctx) for n, d in dets.items()}
   # One shared fit: the same subspace object in all three states.
   assert states["lowdim_knn"]["V_PxK"] is states["lowdim_msp"]["V_PxK"]

@@ -131,7 +131,7 @@ def test_folder_of_garbage_files_raises_data_error_or_loads(tmp_path_factory, fi
 def test_knn_search_any_block_size_equals_brute_force(n, q, d, k, qb, bb, seed):
   """A bank far larger than the blocks (the memory budget) is searched block by block: the
   answer does not depend on the block sizes."""
-  from grood_jax.detectors._common import knn_search
+  from grood_jax.ops import knn_search
   k = min(k, n)
   rng = np.random.default_rng(seed)
   bank = rng.integers(-3, 4, (n, d)).astype(np.float32)      # small integers: exact, with ties

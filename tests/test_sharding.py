@@ -11,16 +11,22 @@ import textwrap
 
 import numpy as np
 
-from grood_jax import sharding
-from grood_jax.detectors._common import knn_search
+from grood_jax import ops, parallel
+from grood_jax.ops import knn_search
 
 _PRELUDE = """
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 import numpy as np
-from grood_jax import sharding
-from grood_jax.detectors._common import knn_search
+from grood_jax import ops, parallel
+from grood_jax.ops import knn_search
 assert len(jax.devices()) == 4, jax.devices()
+
+
+def tree_allclose(a, b, rtol=1e-5, atol=1e-6):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(
+      np.allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol) for x, y in zip(la, lb))
 """
 
 
@@ -33,7 +39,7 @@ def _run4(body: str):
 
 def test_sharded_search_equals_single_device_on_4_devices():
   out = _run4("""
-    mesh = sharding.make_mesh()
+    mesh = parallel.make_mesh()
     rng = np.random.default_rng(0)
     bank = rng.integers(-2, 3, (1003, 8)).astype(np.float32)      # 1003: not a multiple of 4
     bank[[5, 500, 900, 1002]] = bank[3]                           # exact ties across shards
@@ -41,17 +47,17 @@ def test_sharded_search_equals_single_device_on_4_devices():
     q = q.astype(np.float32)
     for k, qb, bb in [(1, 16, 64), (5, 7, 256), (10, 64, 16384), (3, None, None), (7, 5, 3)]:
       d1, i1 = knn_search(q, bank, k, query_block=qb, bank_block=bb)
-      d2, i2 = sharding.sharded_knn_search(q, bank, k, mesh, query_block=qb, bank_block=bb)
+      d2, i2 = ops.sharded_knn_search(q, bank, k, mesh, query_block=qb, bank_block=bb)
       np.testing.assert_array_equal(i1, i2)
       np.testing.assert_array_equal(d1, d2)
     np.testing.assert_array_equal(i2[-3][:5], [3, 5, 500, 900, 1002])  # ties: lowest index
     # float data, bank smaller than devices x k, bank reused across calls
     bank = rng.normal(size=(6, 16)).astype(np.float32)
     q = rng.normal(size=(9, 16)).astype(np.float32)
-    sb = sharding.shard_bank(bank, mesh, bank_block=2)
+    sb = ops.shard_bank(bank, mesh, bank_block=2)
     for k in (1, 6):
       d1, i1 = knn_search(q, bank, k)
-      d2, i2 = sharding.sharded_knn_search(q, sb, k, mesh)
+      d2, i2 = ops.sharded_knn_search(q, sb, k, mesh)
       np.testing.assert_array_equal(i1, i2)
       np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-5)
     print("OK")
@@ -65,30 +71,10 @@ def test_dp_train_step_equals_single_device_on_4_devices():
     from flax import nnx
     from grood_jax.models import build_model
     from grood_jax.training import train_state
-
-    def loss_fn(params, x, y):
-      logits = jnp.tanh(x @ params["w1"]) @ params["w2"] + params["b"]
-      onehot = jax.nn.one_hot(y, 3)
-      return jnp.mean(optax.softmax_cross_entropy(logits, onehot)), logits
     rng = np.random.default_rng(0)
-    params = {"w1": jnp.asarray(rng.normal(size=(5, 8)), jnp.float32),
-              "w2": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
-              "b": jnp.zeros((3,), jnp.float32)}
-    x = rng.normal(size=(16, 5)).astype(np.float32); y = rng.integers(0, 3, 16).astype(np.int32)
-    opt = optax.adam(1e-2)
-    mesh = sharding.make_mesh()
-    results = []
-    for m in (sharding.make_mesh(devices=jax.devices()[:1]), mesh):
-      step = sharding.make_dp_train_step(loss_fn, opt, m, donate=False)
-      p, s = params, opt.init(params)
-      for _ in range(3):
-        p, s, loss, _ = step(p, s, x, y)
-      results.append((p, float(loss)))
-    assert sharding.tree_allclose(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
-    assert abs(results[0][1] - results[1][1]) < 1e-5
-    assert results[1][0]["w1"].sharding.is_fully_replicated
+    mesh = parallel.make_mesh()
 
-    # the nnx form (drop-in for make_train_step), with BatchNorm, against the library's step
+    # the library's step with BatchNorm, on one device and data-parallel over 4
     def nnx_state():
       model = build_model("cnn", num_classes=4, in_channels=1, seed=0)
       model.train()
@@ -103,27 +89,27 @@ def test_dp_train_step_equals_single_device_on_4_devices():
     for _ in range(2):
       st, l1, a1 = ref(st, xi, yi)
     g, st2 = nnx_state()
-    dp = sharding.make_dp_nnx_train_step(g, ce, mesh)
-    st2 = sharding.replicate(st2, mesh)
+    dp = train_state.make_train_step(g, ce, mesh=mesh)
+    st2 = parallel.replicate(st2, mesh)
     for _ in range(2):
       st2, l2, a2 = dp(st2, xi, yi)
     assert abs(float(l1) - float(l2)) < 1e-4, (float(l1), float(l2))
-    assert sharding.tree_allclose(st, st2, rtol=1e-4, atol=1e-5)
+    assert tree_allclose(st, st2, rtol=1e-4, atol=1e-5)
     print("OK")
   """)
   assert "OK" in out
 
 
 def test_one_device_mesh_and_shard_batch():
-  mesh = sharding.make_mesh(devices=__import__("jax").devices()[:1])
+  mesh = parallel.make_mesh(devices=__import__("jax").devices()[:1])
   rng = np.random.default_rng(3)
   bank = rng.normal(size=(300, 12)).astype(np.float32)
   q = rng.normal(size=(17, 12)).astype(np.float32)
   d1, i1 = knn_search(q, bank, 4)
-  d2, i2 = sharding.sharded_knn_search(q, bank, 4, mesh)
+  d2, i2 = ops.sharded_knn_search(q, bank, 4, mesh)
   np.testing.assert_array_equal(i1, i2)
   np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-5)
-  x = sharding.shard_batch(np.ones((8, 3), np.float32), mesh)
+  x = parallel.shard_batch(np.ones((8, 3), np.float32), mesh)
   assert x.shape == (8, 3)
 
 
@@ -147,7 +133,7 @@ def test_blocked_search_tiny_blocks_and_chunked_path_equal_brute_force():
 
 
 def test_block_sizes_for_budget():
-  from grood_jax.detectors._common import block_sizes_for_budget
+  from grood_jax.ops import block_sizes_for_budget
   qb, bb = block_sizes_for_budget(10_000, 1_000_000, 512, 1, 512 << 20)
   assert (qb, bb) == (1024, 16384)
   for budget in (1 << 20, 8 << 20, 64 << 20):
@@ -249,7 +235,7 @@ def test_every_detector_scores_the_same_inside_data_parallel_on_4_devices():
         return out
 
     one = scores(None)
-    four = scores(sharding.make_mesh())
+    four = scores(parallel.make_mesh())
     for name in one:
       np.testing.assert_allclose(four[name], one[name], rtol=2e-4,
                                  atol=2e-4 * max(1.0, np.abs(one[name]).max()), err_msg=name)

@@ -11,8 +11,7 @@ import dataclasses
 import numpy as np
 
 
-class DataError(ValueError):
-  """Bad or missing data: the message says what to fix."""
+from grood_jax.errors import DataError  # noqa: F401  (defined in the errors leaf)
 
 
 @dataclasses.dataclass

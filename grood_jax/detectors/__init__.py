@@ -1,21 +1,16 @@
-"""Detectors: one module each, one protocol (base.py), one registry.
+"""Detectors: one module each, one protocol (base.py), one lazy registry (registry.py).
 
-Importing this package registers every detector.
+  from grood_jax.detectors import make_detector, Context
+  det = make_detector("knn", k=10); state = det.fit(ctx); scores = det.score(ctx, state, split)
+
+Importing this package imports no detector: each is loaded when first asked for by name.
 """
 
-import importlib
+from grood_jax.detectors.base import Context, Detector, DetectorError, Param, Split
+from grood_jax.detectors.registry import (REGISTRY, all_detectors, detector_class,
+                                          detector_names, make_detector, parse_detectors,
+                                          register, register_module)
 
-from grood_jax.detectors.base import (REGISTRY, Context, Detector, DetectorError, Split,
-                                      make_detector, parse_detectors, register)
-
-_MODULES = [
-    "grood_jax.grood.detector",     # grood
-    "grood_jax.detectors.msp", "grood_jax.detectors.maxlogit", "grood_jax.detectors.energy",
-    "grood_jax.detectors.odin", "grood_jax.detectors.mahalanobis", "grood_jax.detectors.knn",
-    "grood_jax.detectors.vim", "grood_jax.detectors.react", "grood_jax.detectors.ash",
-    "grood_jax.detectors.gradnorm", "grood_jax.detectors.she", "grood_jax.detectors.gen",
-    "grood_jax.detectors.fdbd", "grood_jax.detectors.lowdim",
-]
-
-for _m in _MODULES:
-  importlib.import_module(_m)
+__all__ = ["Context", "Detector", "DetectorError", "Param", "Split", "REGISTRY",
+           "all_detectors", "detector_class", "detector_names", "make_detector",
+           "parse_detectors", "register", "register_module"]

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
-from grood_jax.detectors.base import Detector, DetectorError, register
+from grood_jax import ops
+from grood_jax.detectors import common
+from grood_jax.detectors.base import Detector, DetectorError, Param, register
 
 VARIANTS = ("s", "b", "p")
 
@@ -38,7 +39,7 @@ def ash_shape(h_NxD, *, keep, variant):
 
 @functools.partial(jax.jit, static_argnames=("keep", "variant"))
 def ash_scores(h_NxD, w_CxD, b_C, *, keep, variant):
-  return _common.energy(_common.affine(ash_shape(h_NxD, keep=keep, variant=variant), w_CxD, b_C))
+  return ops.energy_score(ops.affine(ash_shape(h_NxD, keep=keep, variant=variant), w_CxD, b_C))
 
 
 def kept(dim: int, percentile: float) -> int:
@@ -49,20 +50,22 @@ def kept(dim: int, percentile: float) -> int:
 class ASH(Detector):
   name = "ash"
   defaults = {"percentile": 90.0, "variant": "s"}
+  specs = {"percentile": Param("float", lo=0, hi=100, hi_open=True),
+           "variant": Param("str", choices=VARIANTS)}
   grid = {"percentile": [65.0, 70.0, 75.0, 80.0, 85.0, 90.0, 95.0], "variant": list(VARIANTS)}
   description = "energy after keeping the top activations (ASH-S / -B / -P)"
 
   def fit(self, ctx) -> dict:
     if self.params["variant"] not in VARIANTS:
       raise DetectorError(f"ash: variant must be one of {VARIANTS}, got {self.params['variant']!r}")
-    w, b = _common.head_affine(ctx, "ash")
+    w, b = common.head_affine(ctx, "ash")
     return {"w_CxD": w, "b_C": b}
 
   def score(self, ctx, state, split) -> np.ndarray:
     variant = self.params["variant"]
     if variant not in VARIANTS:
       raise DetectorError(f"ash: variant must be one of {VARIANTS}, got {variant!r}")
-    h = _common.as_np32(split.feats)
-    return _common.as_np32(ash_scores(h, state["w_CxD"], state["b_C"],
+    h = ops.as_np32(split.feats)
+    return ops.as_np32(ash_scores(h, state["w_CxD"], state["b_C"],
                                       keep=kept(h.shape[1], float(self.params["percentile"])),
                                       variant=variant))

@@ -2,7 +2,7 @@
 
 A detector is fitted on the ID training split and scores any split; higher = more ID.
 
-  det = make_detector("knn", k=10)          # unknown name or parameter -> DetectorError
+  det = make_detector("knn", k=10)          # unknown name, parameter or value -> DetectorError
   state = det.fit(ctx)                       # a pytree (dict of arrays): saved, sharded as-is
   scores_N = det.score(ctx, state, split)    # numpy float32, higher = more in-distribution
   pred_N = det.predict(ctx, state, split)    # the detector's own class prediction
@@ -22,8 +22,9 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 
-class DetectorError(ValueError):
-  """Unknown detector or parameter, or a detector that cannot run: the message says why."""
+from grood_jax.errors import DetectorError  # noqa: F401  (defined in the errors leaf)
+# the registry has its own module; detector modules import `register` from either
+from grood_jax.detectors.registry import REGISTRY, make_detector, parse_detectors, register  # noqa: F401,E501
 
 
 @dataclasses.dataclass
@@ -55,12 +56,95 @@ class Context:
   def early_of(self, split: Split) -> np.ndarray:
     """Flattened early features of a split, computed once and kept on the split."""
     if split.early is None:
-      from grood_jax.features import extract
+      from grood_jax.features import early_features
       if split.images is None:
         raise DetectorError(f"{split.name}: early features need the images")
-      split.early = extract(self.fns, self.params, split.images, mean=self.mean, std=self.std,
-                            batch_size=self.batch_size, with_early=True).early
+      split.early = early_features(self.fns, self.params, split.images, mean=self.mean,
+                                   std=self.std, batch_size=self.batch_size)
     return split.early
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+  """The type and range of one detector parameter, checked when a detector is made (before any
+  data is loaded or any file written).
+
+    Param("int", lo=1)                       k >= 1; 1.5 or "abc" is an error, 2.0 becomes 2
+    Param("float", lo=0, hi=100)             finite, in [0, 100]; NaN / Inf are errors
+    Param("float", lo=0, lo_open=True)       > 0
+    Param("str", choices=("s", "b", "p"))    one of these
+    Param("float", lo=0, hi=1, choices=("auto",))   a number in range, or one of the choices
+
+  `type` is "int", "float", "number" (int or float, kept as given), "str" or "bool";
+  `choices` are extra accepted values (for "str": the only ones, when given).
+  """
+  type: str = "float"
+  lo: float | None = None
+  hi: float | None = None
+  lo_open: bool = False
+  hi_open: bool = False
+  choices: tuple = ()
+  doc: str = ""
+
+  def describe(self) -> str:
+    parts = [self.type]
+    if self.lo is not None or self.hi is not None:
+      lo = "-inf" if self.lo is None else f"{self.lo:g}"
+      hi = "inf" if self.hi is None else f"{self.hi:g}"
+      parts.append(f"{'(' if self.lo_open or self.lo is None else '['}{lo}, {hi}"
+                   f"{')' if self.hi_open or self.hi is None else ']'}")
+    if self.choices:
+      parts.append(("or " if self.type != "str" else "") + "|".join(map(str, self.choices)))
+    return " ".join(parts)
+
+  def check(self, who: str, key: str, value):
+    """`value` converted to this parameter's type, or DetectorError saying what to give."""
+    def bad(why: str):
+      return DetectorError(f"{who}.{key}={value!r}: {why}; expected {self.describe()}")
+
+    if self.choices and isinstance(value, str) and value in self.choices:
+      return value
+    if self.type == "str":
+      if not isinstance(value, str):
+        raise bad("not a string")
+      if self.choices:
+        raise bad("not one of the choices")
+      return value
+    if self.type == "bool":
+      if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+      raise bad("not True or False")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                      np.floating)):
+      raise bad("not a number")
+    if not np.isfinite(float(value)):
+      raise bad("not a finite number")
+    if self.type == "int":
+      if float(value) != int(value):
+        raise bad("not an integer")
+      value = int(value)
+    elif self.type == "float":
+      value = float(value)
+    elif self.type == "number":         # an int stays an int, a float a float
+      value = int(value) if isinstance(value, (int, np.integer)) else float(value)
+    else:
+      raise TypeError(f"Param type {self.type!r}")
+    if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+      raise bad("out of range")
+    if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+      raise bad("out of range")
+    return value
+
+
+def infer_param(default) -> Param:
+  """The spec of a parameter that declares none, from its default's type."""
+  if isinstance(default, bool):
+    return Param("bool")
+  if isinstance(default, (int, np.integer)):
+    return Param("int")
+  if isinstance(default, (float, np.floating)):
+    return Param("float")
+  return Param("str")
 
 
 class Detector:
@@ -69,7 +153,7 @@ class Detector:
   name: ClassVar[str] = ""
   defaults: ClassVar[dict] = {}
   grid: ClassVar[dict[str, list]] = {}      # search grid for --select (subset of defaults' keys)
-  needs_model: ClassVar[bool] = False       # re-runs the backbone at fit or score time
+  specs: ClassVar[dict[str, Param]] = {}    # type and range per parameter (else from its default)
   description: ClassVar[str] = ""
 
   def __init__(self, **params):
@@ -77,7 +161,17 @@ class Detector:
     if unknown:
       raise DetectorError(f"detector {self.name!r} has no parameter(s) {unknown}; "
                           f"its parameters are {sorted(self.defaults)}")
-    self.params = {**self.defaults, **params}
+    self.params = {k: self.spec(k).check(self.name, k, v)
+                   for k, v in {**self.defaults, **params}.items()}
+
+  @classmethod
+  def spec(cls, key: str) -> Param:
+    """The declared `Param` of `key`, or one inferred from its default's type."""
+    return cls.specs.get(key) or infer_param(cls.defaults[key])
+
+  def check_data(self, *, num_train: int, num_classes: int, feature_dim: int) -> None:
+    """DetectorError when these parameters cannot work on data of this size (e.g. k larger
+    than the bank); called by the harness before any work. Override where it applies."""
 
   def fit(self, ctx: Context) -> dict:
     return {}
@@ -96,31 +190,3 @@ class Detector:
 
   def __repr__(self) -> str:
     return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.params.items())})"
-
-
-REGISTRY: dict[str, type[Detector]] = {}
-
-
-def register(cls: type[Detector]) -> type[Detector]:
-  if not cls.name:
-    raise TypeError(f"{cls} has no name")
-  REGISTRY[cls.name] = cls
-  return cls
-
-
-def make_detector(name: str, **params) -> Detector:
-  if name not in REGISTRY:
-    raise DetectorError(f"unknown detector {name!r}; choose from {', '.join(sorted(REGISTRY))}")
-  return REGISTRY[name](**params)
-
-
-def parse_detectors(spec: str) -> list[str]:
-  """'grood,knn' -> ['grood', 'knn']; 'all' -> every registered detector."""
-  names = [s.strip() for s in spec.split(",") if s.strip()]
-  if names == ["all"]:
-    return sorted(REGISTRY)
-  unknown = [n for n in names if n not in REGISTRY]
-  if unknown or not names:
-    raise DetectorError(f"unknown detector(s) {unknown or spec!r}; choose from "
-                        f"{', '.join(sorted(REGISTRY))} or 'all'")
-  return names

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
-from grood_jax.detectors.base import Detector, DetectorError, register
+from grood_jax import ops
+from grood_jax.detectors import common
+from grood_jax.detectors.base import Detector, DetectorError, Param, register
 
 NORMALIZERS = ("distance", "norm")
 
@@ -43,6 +44,7 @@ def fdbd_scores(h_NxD, logits_NxC, inv_norms_CxC, centre_D):
 class FDBD(Detector):
   name = "fdbd"
   defaults = {"normalizer": "distance"}
+  specs = {"normalizer": Param("str", choices=NORMALIZERS)}
   grid = {"normalizer": list(NORMALIZERS)}
   description = "mean distance to the decision boundaries over the distance to the train mean"
 
@@ -54,13 +56,13 @@ class FDBD(Detector):
 
   def fit(self, ctx) -> dict:
     self._normalizer()
-    w, _ = _common.head_affine(ctx, "fdbd")
+    w, _ = common.head_affine(ctx, "fdbd")
     if w.shape[0] < 2:
       raise DetectorError("fdbd needs at least 2 classes")
-    mean = _common.as_np32(ctx.train.feats).mean(axis=0, dtype=np.float64)
+    mean = ops.as_np32(ctx.train.feats).mean(axis=0, dtype=np.float64)
     return {"inv_norms_CxC": inverse_boundary_norms(w), "mean_D": mean.astype(np.float32)}
 
   def score(self, ctx, state, split) -> np.ndarray:
     centre = state["mean_D"] if self._normalizer() == "distance" else np.zeros_like(state["mean_D"])
-    return _common.as_np32(fdbd_scores(_common.as_np32(split.feats), _common.as_np32(split.logits),
+    return ops.as_np32(fdbd_scores(ops.as_np32(split.feats), ops.as_np32(split.logits),
                                        state["inv_norms_CxC"], centre))

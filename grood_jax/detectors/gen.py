@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
-from grood_jax.detectors.base import Detector, DetectorError, register
+from grood_jax import ops
+from grood_jax.detectors.base import Detector, DetectorError, Param, register
 
 
 @functools.partial(jax.jit, static_argnames=("m",))
@@ -39,10 +39,11 @@ def resolve_m(m, num_classes: int) -> int:
 class GEN(Detector):
   name = "gen"
   defaults = {"gamma": 0.1, "M": 10}
+  specs = {"gamma": Param("float", lo=0, lo_open=True), "M": Param("int", lo=1, choices=("half", "all"))}
   grid = {"gamma": [0.01, 0.1, 0.5, 1.0], "M": ["half", "all"]}
   description = "generalised entropy of the top-M softmax probabilities"
 
   def score(self, ctx, state, split) -> np.ndarray:
-    logits = _common.as_np32(split.logits)
+    logits = ops.as_np32(split.logits)
     m = resolve_m(self.params["M"], logits.shape[1])
-    return _common.as_np32(gen_scores(logits, float(self.params["gamma"]), m=m))
+    return ops.as_np32(gen_scores(logits, float(self.params["gamma"]), m=m))

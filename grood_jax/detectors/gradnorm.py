@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
+from grood_jax import ops
 from grood_jax.detectors.base import Detector, register
 
 
@@ -32,5 +32,5 @@ class GradNorm(Detector):
   description = "L1 norm of the gradient of KL(uniform || softmax) w.r.t. the last weight"
 
   def score(self, ctx, state, split) -> np.ndarray:
-    return _common.as_np32(gradnorm_scores(_common.as_np32(split.feats),
-                                           _common.as_np32(split.logits)))
+    return ops.as_np32(gradnorm_scores(ops.as_np32(split.feats),
+                                           ops.as_np32(split.logits)))

@@ -3,7 +3,7 @@
   z = h / ||h||,   score = -||z - z_(k)||   (distance to the k-th nearest L2-normalised train
                                              feature; k = 50)
 
-Exact search (`_common.knn_search`), so the score is deterministic. OpenOOD ranks by the
+Exact search (`ops.knn_search`), so the score is deterministic. OpenOOD ranks by the
 squared distance (FAISS IndexFlatL2); the ranking is the same.
 """
 
@@ -11,26 +11,33 @@ from __future__ import annotations
 
 import numpy as np
 
-from grood_jax.detectors import _common
-from grood_jax.detectors.base import Detector, DetectorError, register
+from grood_jax import ops
+from grood_jax.detectors.base import Detector, DetectorError, Param, register
 
 
 @register
 class KNN(Detector):
   name = "knn"
   defaults = {"k": 50, "query_block": 1024, "bank_block": 16384}
+  specs = {"k": Param("int", lo=1), "query_block": Param("int", lo=1), "bank_block": Param("int", lo=1)}
+
+  def check_data(self, *, num_train: int, num_classes: int, feature_dim: int) -> None:
+    if self.params["k"] > num_train:
+      raise DetectorError(f"knn.k={self.params['k']}: larger than the bank of {num_train} "
+                          "training features; give k <= the number of training samples")
+
   grid = {"k": [1, 10, 50, 100, 200]}
   description = "minus the distance to the k-th nearest normalised train feature"
 
   def fit(self, ctx) -> dict:
-    return {"bank_NxD": np.asarray(_common.l2_normalize(_common.as_np32(ctx.train.feats)))}
+    return {"bank_NxD": np.asarray(ops.l2_normalize(ops.as_np32(ctx.train.feats)))}
 
   def score(self, ctx, state, split) -> np.ndarray:
     k = int(self.params["k"])
     n = len(state["bank_NxD"])
     if not 1 <= k <= n:
       raise DetectorError(f"knn: k={k} needs 1 <= k <= the number of train features ({n})")
-    d, _ = _common.knn_search(_common.l2_normalize(_common.as_np32(split.feats)),
+    d, _ = ops.knn_search(ops.l2_normalize(ops.as_np32(split.feats)),
                               state["bank_NxD"], k, query_block=int(self.params["query_block"]),
                               bank_block=int(self.params["bank_block"]))
-    return _common.as_np32(-np.sqrt(d[:, k - 1]))
+    return ops.as_np32(-np.sqrt(d[:, k - 1]))

@@ -20,8 +20,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from grood_jax.detectors import _common
-from grood_jax.detectors.base import Detector, DetectorError, register
+from grood_jax import ops
+from grood_jax.detectors.base import Detector, DetectorError, Param, register
 from grood_jax.lowdim import grads as _grads
 from grood_jax.lowdim import probe as _probe
 from grood_jax.lowdim import subspace as _subspace
@@ -39,7 +39,12 @@ def _images(split, who):
 
 
 class _Lowdim(Detector):
-  needs_model = True
+  specs = {"subspace": Param("str", choices=_SUBSPACES), "K": Param("int", lo=1),
+           "n_fit": Param("int", lo=1), "batch_size": Param("int", lo=1),
+           "power_iters": Param("int", lo=0), "oversample": Param("int", lo=0),
+           "k": Param("int", lo=1), "query_block": Param("int", lo=1),
+           "bank_block": Param("int", lo=1), "epochs": Param("int", lo=1),
+           "probe_lr": Param("float", lo=0, lo_open=True), "probe_batch": Param("int", lo=1)}
 
   # -------------------------------------------------------------- shared fit
 
@@ -141,18 +146,18 @@ class LowdimKNN(_Lowdim):
   def fit(self, ctx) -> dict:
     fitted = self._fitted(ctx)
     return {**self._base_state(fitted),
-            "bank_NxK": np.asarray(_common.l2_normalize(fitted["z_NxK"]))}
+            "bank_NxK": np.asarray(ops.l2_normalize(fitted["z_NxK"]))}
 
   def score(self, ctx, state, split) -> np.ndarray:
     k = int(self.params["k"])
     n = len(state["bank_NxK"])
     if not 1 <= k <= n:
       raise DetectorError(f"{self.name}: k={k} needs 1 <= k <= the bank size ({n})")
-    z = _common.l2_normalize(self._z(ctx, state, split))
-    d, _ = _common.knn_search(z, state["bank_NxK"], k,
+    z = ops.l2_normalize(self._z(ctx, state, split))
+    d, _ = ops.knn_search(z, state["bank_NxK"], k,
                               query_block=int(self.params["query_block"]),
                               bank_block=int(self.params["bank_block"]))
-    return _common.as_np32(-np.sqrt(d[:, k - 1]))
+    return ops.as_np32(-np.sqrt(d[:, k - 1]))
 
 
 class _LowdimProbe(_Lowdim):
@@ -186,7 +191,7 @@ class LowdimMSP(_LowdimProbe):
   description = "max softmax of a linear probe on low-dimensional gradients"
 
   def score(self, ctx, state, split) -> np.ndarray:
-    return _common.as_np32(_common.max_softmax(self._logits(ctx, state, split)))
+    return ops.as_np32(ops.max_softmax(self._logits(ctx, state, split)))
 
 
 @register
@@ -195,4 +200,4 @@ class LowdimEnergy(_LowdimProbe):
   description = "energy (logsumexp) of a linear probe on low-dimensional gradients"
 
   def score(self, ctx, state, split) -> np.ndarray:
-    return _common.as_np32(_common.energy(self._logits(ctx, state, split)))
+    return ops.as_np32(ops.energy_score(self._logits(ctx, state, split)))

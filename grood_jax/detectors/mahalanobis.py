@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
+from grood_jax import ops
+from grood_jax.detectors import common
 from grood_jax.detectors.base import Detector, DetectorError, register
 
 RCOND = 1e-6
@@ -28,16 +29,16 @@ RCOND = 1e-6
 @jax.jit
 def _class_stats(h_NxD, onehot_NxC):
   counts_C = jnp.sum(onehot_NxC, axis=0)
-  sums_CxD = jnp.matmul(onehot_NxC.T, h_NxD, precision=_common.HIGHEST)
+  sums_CxD = jnp.matmul(onehot_NxC.T, h_NxD, precision=ops.HIGHEST)
   means_CxD = sums_CxD / jnp.maximum(counts_C, 1.0)[:, None]
-  centred = h_NxD - jnp.matmul(onehot_NxC, means_CxD, precision=_common.HIGHEST)
-  cov_DxD = jnp.matmul(centred.T, centred, precision=_common.HIGHEST) / h_NxD.shape[0]
+  centred = h_NxD - jnp.matmul(onehot_NxC, means_CxD, precision=ops.HIGHEST)
+  cov_DxD = jnp.matmul(centred.T, centred, precision=ops.HIGHEST) / h_NxD.shape[0]
   return counts_C, means_CxD, cov_DxD, jnp.mean(h_NxD, axis=0)
 
 
 @jax.jit
 def _whiten(h_NxD, centre_D, proj_DxR):
-  return jnp.matmul(h_NxD - centre_D, proj_DxR, precision=_common.HIGHEST)
+  return jnp.matmul(h_NxD - centre_D, proj_DxR, precision=ops.HIGHEST)
 
 
 def whitening(cov_DxD, rcond: float = RCOND) -> np.ndarray:
@@ -57,10 +58,10 @@ class Mahalanobis(Detector):
   description = "max over classes of minus the Mahalanobis distance, tied covariance"
 
   def fit(self, ctx) -> dict:
-    labels = _common.require_labels(ctx.train, "mahalanobis")
+    labels = common.require_labels(ctx.train, "mahalanobis")
     num_classes = int(np.asarray(ctx.train.logits).shape[1])
     onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    counts, means, cov, centre = _class_stats(_common.as_np32(ctx.train.feats), onehot)
+    counts, means, cov, centre = _class_stats(ops.as_np32(ctx.train.feats), onehot)
     present = np.asarray(counts) > 0
     proj = whitening(cov)
     protos = _whiten(np.asarray(means)[present], centre, proj)
@@ -68,12 +69,12 @@ class Mahalanobis(Detector):
             "classes_C": np.flatnonzero(present).astype(np.int32)}
 
   def _nearest(self, state, split):
-    z = _whiten(_common.as_np32(split.feats), state["centre_D"], state["proj_DxR"])
-    return _common.knn_search(z, state["protos_CxR"], 1)
+    z = _whiten(ops.as_np32(split.feats), state["centre_D"], state["proj_DxR"])
+    return ops.knn_search(z, state["protos_CxR"], 1)
 
   def score(self, ctx, state, split) -> np.ndarray:
     d, _ = self._nearest(state, split)
-    return _common.as_np32(-d[:, 0])
+    return ops.as_np32(-d[:, 0])
 
   def predict(self, ctx, state, split) -> np.ndarray:
     _, i = self._nearest(state, split)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
+from grood_jax import ops
 from grood_jax.detectors.base import Detector, register
 
 
@@ -23,4 +23,4 @@ class MaxLogit(Detector):
   description = "maximum logit"
 
   def score(self, ctx, state, split) -> np.ndarray:
-    return _common.as_np32(maxlogit_scores(_common.as_np32(split.logits)))
+    return ops.as_np32(maxlogit_scores(ops.as_np32(split.logits)))

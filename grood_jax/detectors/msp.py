@@ -5,13 +5,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from grood_jax.detectors import _common
+from grood_jax import ops
 from grood_jax.detectors.base import Detector, register
 
 
 @jax.jit
 def msp_scores(logits_NxC):
-  return _common.max_softmax(logits_NxC)
+  return ops.max_softmax(logits_NxC)
 
 
 @register
@@ -22,4 +22,4 @@ class MSP(Detector):
   description = "maximum softmax probability"
 
   def score(self, ctx, state, split) -> np.ndarray:
-    return _common.as_np32(msp_scores(_common.as_np32(split.logits)))
+    return ops.as_np32(msp_scores(ops.as_np32(split.logits)))

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
-from grood_jax.detectors.base import Detector, DetectorError, register
+from grood_jax import ops
+from grood_jax.detectors.base import Detector, DetectorError, Param, register
 from grood_jax.features import map_batched
 
 
@@ -38,7 +38,7 @@ def make_odin_fn(fns):
 
     g = jax.grad(nll_sum)(x)
     x_tilde = x - step * jnp.sign(g)
-    return _common.max_softmax(fns.logits(params, x_tilde), temperature)
+    return ops.max_softmax(fns.logits(params, x_tilde), temperature)
 
   return odin_batch
 
@@ -47,8 +47,8 @@ def make_odin_fn(fns):
 class ODIN(Detector):
   name = "odin"
   defaults = {"T": 1000.0, "eps": 0.0014}
+  specs = {"T": Param("float", lo=0, lo_open=True), "eps": Param("float", lo=0)}
   grid = {"T": [1.0, 10.0, 100.0, 1000.0], "eps": [0.0, 0.0014, 0.0028]}
-  needs_model = True
   description = "max softmax at temperature T on a gradient-sign pre-processed input"
 
   def score(self, ctx, state, split) -> np.ndarray:
@@ -62,4 +62,4 @@ class ODIN(Detector):
     step = jnp.asarray(float(self.params["eps"]) / np.asarray(ctx.std, np.float32), jnp.float32)
     out = map_batched(lambda x: fn(ctx.params, x, temperature, step), split.images,
                       mean=ctx.mean, std=ctx.std, batch_size=ctx.batch_size)
-    return _common.as_np32(out)
+    return ops.as_np32(out)

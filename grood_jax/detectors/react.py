@@ -13,19 +13,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
-from grood_jax.detectors.base import Detector, register
+from grood_jax import ops
+from grood_jax.detectors import common
+from grood_jax.detectors.base import Detector, Param, register
 
 MAX_ELEMENTS = 1 << 25
 
 
 @jax.jit
 def react_scores(h_NxD, clip, w_CxD, b_C):
-  return _common.energy(_common.affine(jnp.minimum(h_NxD, clip), w_CxD, b_C))
+  return ops.energy_score(ops.affine(jnp.minimum(h_NxD, clip), w_CxD, b_C))
 
 
 def feature_percentile(feats_NxD: np.ndarray, percentile: float, seed: int) -> np.float32:
-  feats_NxD = _common.as_np32(feats_NxD)
+  feats_NxD = ops.as_np32(feats_NxD)
   n, d = feats_NxD.shape
   if n * d > MAX_ELEMENTS:
     rows = np.random.default_rng(seed).choice(n, size=max(1, MAX_ELEMENTS // d), replace=False)
@@ -37,14 +38,15 @@ def feature_percentile(feats_NxD: np.ndarray, percentile: float, seed: int) -> n
 class ReAct(Detector):
   name = "react"
   defaults = {"percentile": 90.0}
+  specs = {"percentile": Param("float", lo=0, hi=100)}
   grid = {"percentile": [85.0, 90.0, 95.0, 99.0]}
   description = "energy after clipping features at a train percentile"
 
   def fit(self, ctx) -> dict:
-    w, b = _common.head_affine(ctx, "react")
+    w, b = common.head_affine(ctx, "react")
     clip = feature_percentile(ctx.train.feats, float(self.params["percentile"]), ctx.seed)
     return {"clip": np.asarray(clip, np.float32), "w_CxD": w, "b_C": b}
 
   def score(self, ctx, state, split) -> np.ndarray:
-    return _common.as_np32(react_scores(_common.as_np32(split.feats), state["clip"],
+    return ops.as_np32(react_scores(ops.as_np32(split.feats), state["clip"],
                                         state["w_CxD"], state["b_C"]))

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
+from grood_jax import ops
+from grood_jax.detectors import common
 from grood_jax.detectors.base import Detector, register
 
 
@@ -22,7 +23,7 @@ def _patterns(h_NxD, logits_NxC, labels_N):
   c = logits_NxC.shape[1]
   correct = (jnp.argmax(logits_NxC, axis=1) == labels_N).astype(jnp.float32)
   onehot = jax.nn.one_hot(labels_N, c, dtype=jnp.float32) * correct[:, None]
-  sums = jnp.matmul(onehot.T, h_NxD, precision=_common.HIGHEST)
+  sums = jnp.matmul(onehot.T, h_NxD, precision=ops.HIGHEST)
   return sums / jnp.maximum(jnp.sum(onehot, axis=0), 1.0)[:, None]
 
 
@@ -40,10 +41,10 @@ class SHE(Detector):
   description = "inner product with the mean feature of the predicted class"
 
   def fit(self, ctx) -> dict:
-    labels = _common.require_labels(ctx.train, "she")
-    return {"patterns_CxD": np.asarray(_patterns(_common.as_np32(ctx.train.feats),
-                                                 _common.as_np32(ctx.train.logits), labels))}
+    labels = common.require_labels(ctx.train, "she")
+    return {"patterns_CxD": np.asarray(_patterns(ops.as_np32(ctx.train.feats),
+                                                 ops.as_np32(ctx.train.logits), labels))}
 
   def score(self, ctx, state, split) -> np.ndarray:
-    return _common.as_np32(she_scores(_common.as_np32(split.feats), _common.as_np32(split.logits),
+    return ops.as_np32(she_scores(ops.as_np32(split.feats), ops.as_np32(split.logits),
                                       state["patterns_CxD"]))

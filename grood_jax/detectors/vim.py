@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors import _common
-from grood_jax.detectors.base import Detector, DetectorError, register
+from grood_jax import ops
+from grood_jax.detectors import common
+from grood_jax.detectors.base import Detector, DetectorError, Param, register
 
 
 def principal_dim(dim, d: int) -> int:
@@ -38,29 +39,30 @@ def principal_dim(dim, d: int) -> int:
 @jax.jit
 def _second_moment(h_NxD, u_D):
   x = h_NxD - u_D
-  return jnp.matmul(x.T, x, precision=_common.HIGHEST) / h_NxD.shape[0]
+  return jnp.matmul(x.T, x, precision=ops.HIGHEST) / h_NxD.shape[0]
 
 
 @jax.jit
 def residual_norm(h_NxD, u_D, resid_DxR):
-  return jnp.linalg.norm(jnp.matmul(h_NxD - u_D, resid_DxR, precision=_common.HIGHEST), axis=1)
+  return jnp.linalg.norm(jnp.matmul(h_NxD - u_D, resid_DxR, precision=ops.HIGHEST), axis=1)
 
 
 @jax.jit
 def vim_scores(h_NxD, logits_NxC, u_D, resid_DxR, alpha):
-  return _common.energy(logits_NxC) - alpha * residual_norm(h_NxD, u_D, resid_DxR)
+  return ops.energy_score(logits_NxC) - alpha * residual_norm(h_NxD, u_D, resid_DxR)
 
 
 @register
 class ViM(Detector):
   name = "vim"
   defaults = {"dim": "auto"}
+  specs = {"dim": Param("number", lo=0, lo_open=True, choices=("auto",))}
   grid = {"dim": [0.25, 0.5, 0.75]}
   description = "energy minus the scaled feature residual outside the principal subspace"
 
   def fit(self, ctx) -> dict:
-    w, b = _common.head_affine(ctx, "vim")
-    h = _common.as_np32(ctx.train.feats)
+    w, b = common.head_affine(ctx, "vim")
+    h = ops.as_np32(ctx.train.feats)
     p = principal_dim(self.params["dim"], h.shape[1])
     u = (-np.linalg.pinv(w.astype(np.float64)) @ b.astype(np.float64)).astype(np.float32)
     lam, vec = np.linalg.eigh(np.asarray(_second_moment(h, u), np.float64))   # ascending
@@ -71,5 +73,5 @@ class ViM(Detector):
     return {"u_D": u, "resid_DxR": resid, "alpha": np.asarray(alpha, np.float32)}
 
   def score(self, ctx, state, split) -> np.ndarray:
-    return _common.as_np32(vim_scores(_common.as_np32(split.feats), _common.as_np32(split.logits),
+    return ops.as_np32(vim_scores(ops.as_np32(split.feats), ops.as_np32(split.logits),
                                       state["u_D"], state["resid_DxR"], state["alpha"]))

@@ -16,7 +16,7 @@ Gradients (pi = softmax(s), y a class index, never the OOD index):
 At h == p the Euclidean norm has no gradient (NaN through sqrt); `safe_norm` makes it zero,
 so the gradient is 0 there, which is also the closed form's limit convention below.
 
-`per_sample_grads` is `jax.vmap(jax.grad(ncp_loss))` inside one `jax.jit`; the closed forms
+`prototype_grads` is `jax.vmap(jax.grad(ncp_loss))` inside one `jax.jit`; the closed forms
 serve tests and a fast path (`method="closed_form"`). `batched_grads` runs either over any
 number of samples in fixed-size padded batches.
 """
@@ -31,22 +31,10 @@ import numpy as np
 
 from grood_jax import parallel
 from grood_jax.features import batches, pad_batch
+from grood_jax.ops import pairwise_sq_dists, safe_norm  # noqa: F401  (safe_norm: part of the maths)
 
 WRT = ("ood", "class")
 METHODS = ("autodiff", "closed_form")
-
-
-def safe_norm(x, axis=-1):
-  """Euclidean norm whose gradient at 0 is 0 instead of NaN (the double-where trick)."""
-  sq = jnp.sum(x * x, axis=axis)
-  nonzero = sq > 0
-  return jnp.where(nonzero, jnp.sqrt(jnp.where(nonzero, sq, 1.0)), 0.0)
-
-
-def normalize_feats(feats_NxD, eps: float = 1e-12):
-  """L2-normalises each row (a zero row stays zero)."""
-  n = safe_norm(feats_NxD)[..., None]
-  return feats_NxD / jnp.maximum(n, eps)
 
 
 def ncp_logits(h_D, protos_PxD, tau=1.0):
@@ -73,12 +61,9 @@ def pairwise_dists(h_BxD, protos_PxD):
   No (B, P, D) difference tensor: B*P*D multiply-adds in one BLAS call instead of an
   elementwise pass over B*P*D values. Squared distances are clamped at 0. The cancellation
   error (~1e-7 * ||h||^2) only enters the softmax over the prototypes; the distance a gradient
-  divides by is taken from the explicit difference (see `_per_sample_grads`).
+  divides by is taken from the explicit difference (see `_prototype_grads`).
   """
-  hh_B = jnp.sum(h_BxD * h_BxD, axis=1)
-  pp_P = jnp.sum(protos_PxD * protos_PxD, axis=1)
-  cross_BxP = jnp.matmul(h_BxD, protos_PxD.T, precision=jax.lax.Precision.HIGHEST)
-  return jnp.sqrt(jnp.maximum(hh_B[:, None] - 2.0 * cross_BxP + pp_P[None, :], 0.0))
+  return jnp.sqrt(pairwise_sq_dists(h_BxD, protos_PxD))
 
 
 def ncp_loss_from_dists(dists_P, target, tau=1.0):
@@ -88,7 +73,7 @@ def ncp_loss_from_dists(dists_P, target, tau=1.0):
 
 
 @functools.partial(jax.jit, static_argnames=("wrt",))
-def _per_sample_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, tau, wrt):
+def _prototype_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, tau, wrt):
   # The distances to the prototypes that are not differentiated come from one matmul
   # (`pairwise_dists`) outside the per-sample grad; inside `vmap(grad)` only the one
   # differentiated prototype's distance is a (D,) difference. Same loss as `ncp_loss`.
@@ -109,14 +94,14 @@ def _per_sample_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, tau, 
                                   dood_B)
 
 
-def per_sample_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, *, wrt="ood", tau=1.0):
+def prototype_grads(feats_BxD, class_protos_CxD, ood_proto_D, targets_B, *, wrt="ood", tau=1.0):
   """Per-sample gradient of the NCP loss w.r.t. p_ood (wrt="ood") or p_target ("class"): (B, D).
 
   targets_B are class indices in [0, C) (the classifier's predictions).
   Memory: B*(C+1) distances (one matmul) and B*D for the differentiated difference.
   """
   _check(wrt)
-  return _per_sample_grads(jnp.asarray(feats_BxD, jnp.float32),
+  return _prototype_grads(jnp.asarray(feats_BxD, jnp.float32),
                            jnp.asarray(class_protos_CxD, jnp.float32),
                            jnp.asarray(ood_proto_D, jnp.float32),
                            jnp.asarray(targets_B, jnp.int32), jnp.float32(tau), wrt=wrt)
@@ -174,7 +159,7 @@ def batched_grads(feats_NxD, class_protos_CxD, ood_proto_D, targets_N, *, wrt="o
   protos = jnp.asarray(class_protos_CxD, jnp.float32)
   ood = jnp.asarray(ood_proto_D, jnp.float32)
   bs = parallel.round_batch(min(batch_size or default_batch_size(protos.shape[0] + 1, d), n))
-  fn = _per_sample_grads if method == "autodiff" else _closed_form
+  fn = _prototype_grads if method == "autodiff" else _closed_form
   out = np.empty((n, d), np.float32)
   for start, stop in batches(n, bs):
     g = fn(parallel.put_batch(pad_batch(feats_NxD[start:stop], bs)), protos, ood,

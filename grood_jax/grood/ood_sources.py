@@ -4,16 +4,18 @@
              seed, c2 = runner-up class (2nd-largest logit), z = lam*e(x) + (1-lam)*q_c2 at the
              early layer (q = early class prototypes), h = from_early(z); p_ood = mean h.
              lam is a real setting (the authors' code fixes 0.5).
-  noise      ctx.noise (blurred noise): per consecutive batch of 100 keep the 10 with the
+  noise      blurred noise images: per consecutive batch of 100 keep the 10 with the
              lowest logsumexp of the logits; about n_ood kept (ceil(n_ood/10) batches);
              p_ood = mean of their features.
   protomean  p_ood = mean_c p_c.
-  oodval     mean feature of n_ood images of ctx.ood_val (drawn with the seed); ctx.ood_val is
-             the OOD *validation* set, never a test set.
+  oodval     mean feature of n_ood images of an OOD *validation* set (drawn with the seed),
+             never a test set.
 
-Every source returns the OOD feature rows it averaged (`info["feats"]`), so tests and users can
-check them; `normalize=True` L2-normalises those rows before the mean, like every other
-feature GROOD sees.
+Pure array maths over a model's pure functions (`ModelFns`): no harness objects. The `grood`
+detector (grood_jax.detectors.grood) picks the arrays out of its Context and calls
+`ood_prototype`. Every source returns the OOD feature rows it averaged (`info["feats"]`), so
+tests and users can check them; `normalize=True` L2-normalises those rows before the mean,
+like every other feature GROOD sees.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors.base import DetectorError
 from grood_jax import parallel
-from grood_jax.features import batches, pad_batch
-from grood_jax.grood.loss import normalize_feats
+from grood_jax.errors import DetectorError
+from grood_jax.features import batches, early_features, pad_batch
+from grood_jax.ops import l2_normalize
 
 SOURCES = ("mixup", "noise", "protomean", "oodval")
 NOISE_BATCH, NOISE_KEEP = 100, 10
@@ -43,35 +45,30 @@ def runner_up(logits_NxC) -> np.ndarray:
   return np.asarray(top2[:, 1], np.int32)
 
 
-def mixup_feats(ctx, early_protos_CxF, *, lam: float = 0.5, n_ood: int = 100, seed: int = 0):
+def mixup_feats(fns, params, images_u8, logits_NxC, early_protos_CxF, *, mean, std,
+                lam: float = 0.5, n_ood: int = 100, seed: int = 0, batch_size: int = 256,
+                early_NxF=None):
   """Penultimate features of the targeted mix-up samples: (M, D) and the details.
 
+  `images_u8` / `logits_NxC` are the ID training images and their logits; `early_NxF` their
+  flattened early features when already computed (else the M chosen images are forwarded).
   details: idx (the chosen train rows), c2 (their runner-up classes), z (M, F) the mixed
   early features that were forwarded.
   """
-  train = ctx.train
-  n = len(train)
-  rng = np.random.default_rng(seed)
-  idx = np.sort(rng.choice(n, size=min(n_ood, n), replace=False))
-  c2 = runner_up(np.asarray(train.logits)[idx])
-  params, fns = ctx.params, ctx.fns
-  bs = parallel.round_batch(min(ctx.batch_size, len(idx)))
-
-  if train.images is None:
+  if images_u8 is None:
     raise DetectorError("grood source 'mixup' needs the images of the train split (the early "
                         "map shape and the forward pass from the early layer)")
-  x0 = jax.ShapeDtypeStruct((1,) + tuple(train.images.shape[1:]), jnp.float32)
-  early_shape = tuple(jax.eval_shape(lambda x: fns.early(params, x), x0).shape[1:])
-  if train.early is not None:                # early features already cached on the split
-    early_MxF = np.asarray(train.early, np.float32)[idx]
+  n = len(images_u8)
+  rng = np.random.default_rng(seed)
+  idx = np.sort(rng.choice(n, size=min(n_ood, n), replace=False))
+  c2 = runner_up(np.asarray(logits_NxC)[idx])
+  bs = parallel.round_batch(min(batch_size, len(idx)))
+  early_shape = fns.early_shape(params, tuple(images_u8.shape[1:]))
+  if early_NxF is not None:                  # early features already cached on the split
+    early_MxF = np.asarray(early_NxF, np.float32)[idx]
   else:
-    from grood_jax.data.base import normalize
-    early_fn = jax.jit(lambda x: fns.early(params, x).reshape(x.shape[0], -1))
-    parts = []
-    for start, stop in batches(len(idx), bs):
-      xb = normalize(pad_batch(train.images[idx[start:stop]], bs), ctx.mean, ctx.std)
-      parts.append(np.asarray(early_fn(parallel.put_batch(xb)))[:stop - start])
-    early_MxF = np.concatenate(parts).astype(np.float32)
+    early_MxF = early_features(fns, params, images_u8[idx], mean=mean, std=std,
+                               batch_size=bs).astype(np.float32)
 
   z_MxF = np.asarray(mixup_early(jnp.asarray(early_MxF), jnp.asarray(early_protos_CxF, jnp.float32),
                                  jnp.asarray(c2), jnp.float32(lam)))
@@ -96,31 +93,42 @@ def noise_keep(logits_NxC, n_ood: int = 100) -> np.ndarray:
   return np.sort(np.concatenate(keep))
 
 
-def ood_prototype(source: str, ctx, class_protos_CxD, early_protos_CxF=None, *, lam: float = 0.5,
-                  n_ood: int = 100, seed: int = 0, normalize: bool = False):
-  """p_ood (D,) float32 from the named source, and info (the averaged rows and details)."""
+def oodval_rows(n: int, n_ood: int = 100, seed: int = 0) -> np.ndarray:
+  """The rows of an OOD validation set of n images the `oodval` source averages (seeded)."""
+  return np.sort(np.random.default_rng(seed).choice(n, size=min(n_ood, n), replace=False))
+
+
+def ood_prototype(source: str, class_protos_CxD, *, lam: float = 0.5, n_ood: int = 100,
+                  seed: int = 0, normalize: bool = False, mixup=None, noise=None, ood_val=None):
+  """p_ood (D,) float32 from the named source, and info (the averaged rows and details).
+
+  What each source needs, as keyword arguments:
+    mixup    mixup=dict(fns=, params=, images_u8=, logits_NxC=, early_protos_CxF=, mean=, std=,
+             batch_size=, early_NxF=None)  (the ID train split; see `mixup_feats`)
+    noise    noise=(feats_NxD, logits_NxC) of the blurred noise images
+    oodval   ood_val=feats_NxD of the OOD validation set
+  """
   if source == "protomean":
     p = np.asarray(class_protos_CxD, np.float32).mean(axis=0)
     return p, dict(feats=None)
   if source == "mixup":
-    if early_protos_CxF is None:
+    if mixup is None or mixup.get("early_protos_CxF") is None:
       raise DetectorError("grood source 'mixup' needs the early class prototypes")
-    feats, info = mixup_feats(ctx, early_protos_CxF, lam=lam, n_ood=n_ood, seed=seed)
+    feats, info = mixup_feats(**mixup, lam=lam, n_ood=n_ood, seed=seed)
   elif source == "noise":
-    if ctx.noise is None:
-      raise DetectorError("grood source 'noise' needs ctx.noise (blurred noise images' features)")
-    keep = noise_keep(ctx.noise.logits, n_ood)
-    feats, info = np.asarray(ctx.noise.feats, np.float32)[keep], dict(idx=keep)
+    if noise is None:
+      raise DetectorError("grood source 'noise' needs the blurred noise images' features")
+    keep = noise_keep(noise[1], n_ood)
+    feats, info = np.asarray(noise[0], np.float32)[keep], dict(idx=keep)
   elif source == "oodval":
-    if ctx.ood_val is None:
-      raise DetectorError("grood source 'oodval' needs an OOD validation set (ctx.ood_val); "
-                          "it never uses a test OOD set")
-    n = len(ctx.ood_val)
-    idx = np.sort(np.random.default_rng(seed).choice(n, size=min(n_ood, n), replace=False))
-    feats, info = np.asarray(ctx.ood_val.feats, np.float32)[idx], dict(idx=idx)
+    if ood_val is None:
+      raise DetectorError("grood source 'oodval' needs an OOD validation set; it never uses a "
+                          "test OOD set")
+    idx = oodval_rows(len(ood_val), n_ood, seed)
+    feats, info = np.asarray(ood_val, np.float32)[idx], dict(idx=idx)
   else:
     raise DetectorError(f"unknown grood source {source!r}; choose from {', '.join(SOURCES)}")
   if normalize:
-    feats = np.asarray(normalize_feats(jnp.asarray(feats)))
+    feats = np.asarray(l2_normalize(jnp.asarray(feats)))
   info["feats"] = feats
   return feats.mean(axis=0).astype(np.float32), info

@@ -1,7 +1,8 @@
-"""Prototypes: class means of the penultimate features, early class means, the OOD prototype.
+"""Prototypes: class means of the penultimate features (by true label), class means of the
+flattened early feature maps (streamed), and the nearest-class-prototype prediction.
 
-All three live in one pytree (`Prototypes`) so they can be saved, sharded and differentiated
-as they are.
+The GROOD state holds them as a plain dict of arrays (`class_protos`, `ood_proto`,
+`early_protos`): a pytree as it is, to save, shard or differentiate.
 """
 
 from __future__ import annotations
@@ -11,22 +12,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from grood_jax import parallel
 from grood_jax.features import batches, pad_batch
-
-
-@struct.dataclass
-class Prototypes:
-  class_protos_CxD: jax.Array
-  ood_proto_D: jax.Array
-  early_protos_CxF: jax.Array | None = None
-
-  @property
-  def all_protos_PxD(self) -> jax.Array:
-    """The C+1 prototypes of the NCP loss: (p_1 .. p_C, p_ood)."""
-    return jnp.concatenate([self.class_protos_CxD, self.ood_proto_D[None, :]], axis=0)
+from grood_jax.ops import pairwise_sq_dists
 
 
 def _check_labels(labels_N: np.ndarray, num_classes: int) -> np.ndarray:
@@ -103,6 +92,4 @@ def nearest_prototype(feats_NxD, protos_CxD) -> np.ndarray:
 
 @jax.jit
 def _nearest(feats_NxD, protos_CxD):
-  d_NxC = (jnp.sum(protos_CxD ** 2, -1)[None, :]
-           - 2.0 * jnp.matmul(feats_NxD, protos_CxD.T, precision=jax.lax.Precision.HIGHEST))
-  return jnp.argmin(d_NxC, axis=-1).astype(jnp.int32)
+  return jnp.argmin(pairwise_sq_dists(feats_NxD, protos_CxD), axis=-1).astype(jnp.int32)

@@ -7,23 +7,17 @@
 
 The exact search is blocked over queries and over the bank (matmul at precision HIGHEST +
 lax.top_k with a running merge), so memory stays bounded whatever the bank size: the library's
-shared `grood_jax.detectors._common.knn_search` (ties go to the lower bank index).
+one `grood_jax.ops.knn_search` (ties go to the lower bank index).
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.detectors._common import knn_search  # noqa: F401  (re-exported)
-from grood_jax.grood.loss import normalize_feats
+from grood_jax.ops import knn_search, l2_normalize
 
 METRICS = ("l2", "cosine")
 SCORE_KINDS = ("knn", "l1norm")
-
-
-def _unit_rows(x_NxD) -> np.ndarray:
-  return np.asarray(normalize_feats(jnp.asarray(x_NxD, jnp.float32)))
 
 
 def bank_scores(grads_QxD, bank_NxD, *, k: int = 1, metric: str = "l2",
@@ -34,7 +28,7 @@ def bank_scores(grads_QxD, bank_NxD, *, k: int = 1, metric: str = "l2",
   grads_QxD = np.asarray(grads_QxD, np.float32)
   bank_NxD = np.asarray(bank_NxD, np.float32)
   if metric == "cosine":
-    grads_QxD, bank_NxD = _unit_rows(grads_QxD), _unit_rows(bank_NxD)
+    grads_QxD, bank_NxD = np.asarray(l2_normalize(grads_QxD)), np.asarray(l2_normalize(bank_NxD))
   d_QxK, _ = knn_search(grads_QxD, bank_NxD, k, query_block=query_block, bank_block=bank_block)
   d_Q = np.asarray(d_QxK)[:, k - 1]
   if metric == "cosine":

@@ -5,7 +5,7 @@ The low-dimensional gradient method (METHOD.md §3) works with
   g(x) = d/dθ logsumexp f(x; θ)  ∈ R^P          (θ: every trainable parameter, flattened)
   g̃(x) = (g(x) − μ) / s                         (μ, s: per-coordinate train mean and scale)
 
-`per_sample_grads` computes a batch of g as `jax.vmap(jax.grad(y))` in one `jax.jit`. The
+`param_grads` computes a batch of g as `jax.vmap(jax.grad(y))` in one `jax.jit`. The
 gradient is w.r.t. the `nnx.Param` leaves only: the rest of the parameter State (BatchNorm
 running statistics, ...) enters as constants, and BatchNorm runs in eval mode (ModelFns puts
 the model in eval mode), so every sample's gradient is independent of the other samples in its
@@ -82,7 +82,7 @@ def lse_of_params(fns, params):
   return theta_P, y
 
 
-def per_sample_grads(fns, params, x_BxHxWxC) -> jax.Array:
+def param_grads(fns, params, x_BxHxWxC) -> jax.Array:
   """G_BxP: row i is d/dθ logsumexp f(x_i) (float32), one vmap(grad) in one jit.
 
   Inside `parallel.data_parallel` with several devices the batch is replicated, not split,
@@ -95,11 +95,11 @@ def per_sample_grads(fns, params, x_BxHxWxC) -> jax.Array:
   m = parallel.active_mesh()
   if m is not None:
     x_BxHxWxC = parallel.replicate(x_BxHxWxC, m)
-  return _per_sample_grads(fns, params, x_BxHxWxC)
+  return _param_grads(fns, params, x_BxHxWxC)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _per_sample_grads(fns, params, x_BxHxWxC) -> jax.Array:
+def _param_grads(fns, params, x_BxHxWxC) -> jax.Array:
   theta_P, y = lse_of_params(fns, params)
   return jax.vmap(jax.grad(y), in_axes=(None, 0))(theta_P, x_BxHxWxC)
 
@@ -169,7 +169,7 @@ def grad_stats(fns, params, images, *, batch_size: int = 64, mean=None, std=None
   mean_P = jnp.zeros((p,), jnp.float32)
   m2_P = jnp.zeros((p,), jnp.float32)
   for x, mask, _, _ in iter_inputs(images, batch_size, mean, std):
-    g_BxP = per_sample_grads(fns, params, x)
+    g_BxP = param_grads(fns, params, x)
     n, mean_P, m2_P = parallel.settle(_stats_merge(g_BxP, mask, n, mean_P, m2_P))
   var_P = m2_P / jnp.maximum(n, 1.0)
   return {"mean_P": mean_P, "var_P": var_P, "scale_P": grad_scale(var_P, rel_tol),
@@ -184,11 +184,11 @@ def normalize_grads(g_BxP, mean_P, scale_P):
 def normalized_grads(fns, params, x_BxHxWxC, mean_P, scale_P) -> jax.Array:
   """G̃_BxP of one batch.
 
-  The per-sample gradients come from the one jitted `per_sample_grads` (compiled once per
+  The per-sample gradients come from the one jitted `param_grads` (compiled once per
   model and batch shape and shared by the statistics, subspace and reduction passes); the
   cheap elementwise / matmul work after it runs in small separate jits.
   """
-  return _normalize_jit(per_sample_grads(fns, params, x_BxHxWxC), mean_P, scale_P)
+  return _normalize_jit(param_grads(fns, params, x_BxHxWxC), mean_P, scale_P)
 
 
 _normalize_jit = jax.jit(normalize_grads)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grood_jax import parallel
-from grood_jax.lowdim.grads import iter_inputs, normalize_grads, num_params, per_sample_grads
+from grood_jax.lowdim.grads import iter_inputs, normalize_grads, num_params, param_grads
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -57,7 +57,7 @@ def _gram_step(g_BxP, mask_B, mean_P, scale_P, w_PxL, v_PxL):
 def _gram_apply(fns, params, stats, images, v_PxL, batch_size, mean, std):
   w_PxL = jnp.zeros_like(v_PxL)
   for x, mask, _, _ in iter_inputs(images, batch_size, mean, std):
-    w_PxL = parallel.settle(_gram_step(per_sample_grads(fns, params, x), mask, stats["mean_P"],
+    w_PxL = parallel.settle(_gram_step(param_grads(fns, params, x), mask, stats["mean_P"],
                                        stats["scale_P"], w_PxL, v_PxL))
   return w_PxL
 
@@ -120,7 +120,7 @@ def class_mean_subspace(fns, params, stats: dict, images, labels, num_classes: i
     lab = np.zeros(x.shape[0], np.int32)
     lab[:stop - start] = labels[start:stop]
     sums_CxP, counts_C = parallel.settle(_class_sum_step(
-        per_sample_grads(fns, params, x), mask, parallel.put_batch(lab), stats["mean_P"],
+        param_grads(fns, params, x), mask, parallel.put_batch(lab), stats["mean_P"],
         stats["scale_P"], int(num_classes), sums_CxP, counts_C))
   means_CxP = sums_CxP / jnp.maximum(counts_C, 1.0)[:, None]
   norms_C = jnp.linalg.norm(means_CxP, axis=1)
@@ -138,6 +138,6 @@ def reduce_grads(fns, params, stats: dict, v_PxK, images, *, batch_size: int = 6
   """z_NxK = G̃ V for every image (numpy float32), one batch of gradients in memory at a time."""
   out = np.empty((len(images), v_PxK.shape[1]), np.float32)
   for x, _, start, stop in iter_inputs(images, batch_size, mean, std):
-    z = _reduce_step(per_sample_grads(fns, params, x), stats["mean_P"], stats["scale_P"], v_PxK)
+    z = _reduce_step(param_grads(fns, params, x), stats["mean_P"], stats["scale_P"], v_PxK)
     out[start:stop] = np.asarray(z)[:stop - start]
   return out

@@ -89,3 +89,74 @@ def finish(c: ml_collections.ConfigDict, arg, smoke_fn=None) -> ml_collections.C
     raise ValueError(f"unknown config variant {arg!r}; use ':smoke' or nothing")
   c.lock()
   return c
+
+
+# ----------------------------------------------------------------------------- validation
+
+MAX_SEED = 2**31 - 2          # config.seed + 1 seeds the auxiliary loader; both fit int32
+
+
+def check_config(config) -> None:
+  """ConfigError for a value that cannot train: sizes < 1, a learning rate that is not a
+  finite number > 0, a seed outside [0, 2**31 - 2], a negative sample limit. Reads nothing
+  but the config (no data, no files)."""
+  import math
+  from grood_jax.errors import ConfigError
+
+  for field in ("batch_size", "num_epochs", "checkpoint_every_steps", "eval_batch_size",
+                "log_every_steps"):
+    if int(config[field]) < 1:
+      raise ConfigError(f"config.{field}={config[field]}: must be at least 1")
+  for field in ("max_train_samples", "max_eval_samples"):
+    if int(config[field]) < 0:
+      raise ConfigError(f"config.{field}={config[field]}: must be 0 (all) or positive")
+  lr = config.learning_rate
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    raise ConfigError(f"config.learning_rate={lr}: must be a finite number > 0 (the peak of "
+                      "the warmup-cosine schedule)")
+  seed = config.seed
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+    raise ConfigError(f"seed {seed}: must be an integer in [0, {MAX_SEED}] (--seed or "
+                      "config.seed)")
+  for field in ("weight_decay", "warmup_epochs"):
+    v = config.get(field)
+    if v is not None and not (math.isfinite(v) and v >= 0):
+      raise ConfigError(f"config.{field}={v}: must be a finite number >= 0")
+
+
+# Fields a resumed run may change freely: they change how often the run logs, reports
+# progress or checkpoints, how large its evaluation batches are, where it finds the same
+# data, how many devices share each (global) batch, and what a fresh run starts from
+# (init_from is ignored on resume). They do not change the parameters (devices: up to float
+# summation order, as any device count does). Every other field changes the run.
+RESUME_HARMLESS = ("log_every_steps", "checkpoint_every_steps", "eval_batch_size", "data_dir",
+                   "devices", "init_from")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+_ABSENT = "<absent>"
+
+
+def config_changes(stored: dict, current: dict) -> dict[str, tuple]:
+  """{dotted field: (stored value, current value)} for every field that differs between two
+  `config.to_dict()` trees (JSON-comparable: tuples and lists compare equal)."""
+  import json
+  norm = lambda d: _flat(json.loads(json.dumps(d, default=str)))
+  a, b = norm(stored), norm(current)
+  return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
+          if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+
+
+def run_changes(changes: dict[str, tuple]) -> dict[str, tuple]:
+  """The entries of `config_changes` that change the run (not in RESUME_HARMLESS)."""
+  return {k: v for k, v in changes.items() if k not in RESUME_HARMLESS}

@@ -24,15 +24,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from grood_jax.ops import pairwise_sq_dists
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def sq_dists(x_NxD, c_KxD):
-  """Squared Euclidean distances (N, K), clamped at 0."""
-  d = (jnp.sum(jnp.square(x_NxD), axis=1)[:, None]
-       - 2.0 * jnp.matmul(x_NxD, c_KxD.T, precision=HIGHEST)
-       + jnp.sum(jnp.square(c_KxD), axis=1)[None, :])
-  return jnp.maximum(d, 0.0)
+sq_dists = pairwise_sq_dists          # squared Euclidean distances (N, K), clamped at 0
 
 
 def _kmeans_pp(x_NxD, k, key):

@@ -50,9 +50,9 @@ def create_optimizer(config, steps_total: int) -> optax.GradientTransformation:
 
 
 def make_train_step(graphdef, loss_fn, *, select_fn=None, seed: int = 0,
-                    return_metrics: bool = False, mesh=None):
-  """Returns `step(state, x, y, *aux) -> (state, loss, accuracy[, metrics])`, jitted, state
-  donated.
+                    return_metrics: bool = False, return_grad_norm: bool = False, mesh=None):
+  """Returns `step(state, x, y, *aux) -> (state, loss, accuracy[, metrics][, grad_norm])`,
+  jitted, state donated.
 
   `mesh` (a 1-D `jax.sharding.Mesh`, see grood_jax.parallel): data-parallel training. The
   state must be replicated over the mesh (`parallel.replicate`) and stays so; x, y and aux
@@ -67,6 +67,9 @@ def make_train_step(graphdef, loss_fn, *, select_fn=None, seed: int = 0,
   first selects the batch from it (GReg+), with key = fold_in(key(seed), optimizer step) — a
   pure function of the seed and the step, so a resumed run selects the same batches.
   `metrics`: the scalar entries of a dict-valued loss output (empty for a logits output).
+  `return_grad_norm=True` adds the global L2 norm of the loss gradient (before the optimizer's
+  weight decay / momentum), computed inside the same jitted step: an extra output, not an
+  extra host round trip; the update itself is unchanged.
   """
   base_key = jax.random.fold_in(jax.random.key(seed), 0x5e1ec7)
 
@@ -88,9 +91,12 @@ def make_train_step(graphdef, loss_fn, *, select_fn=None, seed: int = 0,
     new_state = nnx.state((model, optimizer))
     if mesh is not None:
       new_state = jax.lax.with_sharding_constraint(new_state, NamedSharding(mesh, P()))
+    out = (new_state, loss, acc)
     if return_metrics:
-      return new_state, loss, acc, metrics
-    return new_state, loss, acc
+      out += (metrics,)
+    if return_grad_norm:
+      out += (optax.global_norm(grads),)
+    return out
 
   jitted = jax.jit(step, donate_argnums=0)
   if mesh is None:
@@ -101,6 +107,19 @@ def make_train_step(graphdef, loss_fn, *, select_fn=None, seed: int = 0,
 
   data_parallel_step.jitted = jitted
   return data_parallel_step
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def all_finite(tree) -> bool:
+  """True when every floating-point array of `tree` (e.g. a model/optimizer state) is finite
+  (one jitted reduction, one host sync)."""
+  return bool(_all_finite(tree))
 
 
 @functools.partial(jax.jit, static_argnums=0)

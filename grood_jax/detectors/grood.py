@@ -1,4 +1,5 @@
-"""The `grood` detector: fit prototypes and a gradient bank, score by nearest bank gradient.
+"""The `grood` detector: the adapter of GROOD's maths (grood_jax.grood) to the detector
+protocol — fit prototypes and a gradient bank, score by nearest bank gradient.
 
 fit (METHOD.md §1, Algorithm 1):
   1. class prototypes p_c = mean h over train samples of TRUE label c; early prototypes q_c
@@ -19,9 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from grood_jax.detectors.base import Context, Detector, DetectorError, Split, register
-# module imports (not names): grood_jax.detectors imports this module while these may still be
-# initialising, so their attributes are looked up at call time.
+from grood_jax import ops
+from grood_jax.detectors.base import Context, Detector, DetectorError, Param, Split, register
 from grood_jax.grood import loss as _loss
 from grood_jax.grood import ood_sources as _sources
 from grood_jax.grood import prototypes as _protos
@@ -37,29 +37,21 @@ class GROOD(Detector):
   # lam axis would mostly repeat the other sources).
   grid = dict(source=["mixup", "noise", "protomean", "oodval"], tau=[1.0, 10.0], k=[1, 5],
               normalize=[False, True])
-  needs_model = True
   description = ("GROOD: gradient of the nearest-class-prototype loss w.r.t. an OOD prototype, "
                  "scored by the nearest gradient of correctly classified train samples")
 
-  def __init__(self, **params):
-    super().__init__(**params)
-    p = self.params
-    checks = [("source", _sources.SOURCES), ("wrt", _loss.WRT), ("metric", _search.METRICS),
-              ("score_kind", _search.SCORE_KINDS), ("grad", _loss.METHODS)]
-    for key, allowed in checks:
-      if p[key] not in allowed:
-        raise DetectorError(f"grood: {key} must be one of {allowed}, got {p[key]!r}")
-    if int(p["k"]) < 1 or int(p["n_ood"]) < 1 or float(p["tau"]) <= 0:
-      raise DetectorError(f"grood: need k >= 1, n_ood >= 1, tau > 0; got {p}")
-    if not 0.0 <= float(p["lam"]) <= 1.0:
-      raise DetectorError(f"grood: lam must lie in [0, 1], got {p['lam']}")
+  specs = dict(source=Param("str", choices=_sources.SOURCES), lam=Param("float", lo=0, hi=1),
+               n_ood=Param("int", lo=1), k=Param("int", lo=1), wrt=Param("str", choices=_loss.WRT),
+               metric=Param("str", choices=_search.METRICS), tau=Param("float", lo=0, lo_open=True),
+               normalize=Param("bool"), score_kind=Param("str", choices=_search.SCORE_KINDS),
+               grad=Param("str", choices=_loss.METHODS))
 
   # -- helpers -------------------------------------------------------------------------------
 
   def _feats(self, split: Split) -> np.ndarray:
     feats = np.asarray(split.feats, np.float32)
     if self.params["normalize"]:
-      feats = np.asarray(_loss.normalize_feats(feats))
+      feats = np.asarray(ops.l2_normalize(feats))
     return feats
 
   def _grads(self, state: dict, feats_NxD, targets_N) -> np.ndarray:
@@ -96,9 +88,7 @@ class GROOD(Detector):
     except ValueError as e:
       raise DetectorError(f"grood: {e}") from None
     early_protos = self._early_protos(ctx, num_classes) if p["source"] == "mixup" else None
-    ood_proto, _ = _sources.ood_prototype(
-        p["source"], ctx, class_protos, early_protos, lam=float(p["lam"]),
-        n_ood=int(p["n_ood"]), seed=ctx.seed, normalize=bool(p["normalize"]))
+    ood_proto, _ = self.ood_prototype(ctx, class_protos, early_protos)
 
     preds_N = np.asarray(train.logits).argmax(-1)
     correct = preds_N == labels_N
@@ -121,9 +111,21 @@ class GROOD(Detector):
   def predict(self, ctx: Context, state: dict, split: Split) -> np.ndarray:
     return _protos.nearest_prototype(self._feats(split), state["class_protos"])
 
-  @staticmethod
-  def prototypes(state: dict) -> "_protos.Prototypes":
-    """The state's prototypes as one pytree."""
-    return _protos.Prototypes(class_protos_CxD=state["class_protos"],
-                              ood_proto_D=state["ood_proto"],
-                              early_protos_CxF=state.get("early_protos"))
+  def ood_prototype(self, ctx: Context, class_protos_CxD, early_protos_CxF=None):
+    """p_ood and its info from this detector's source, with the arrays taken from `ctx`."""
+    p = self.params
+    train = ctx.train
+    mixup = dict(fns=ctx.fns, params=ctx.params, images_u8=train.images,
+                 logits_NxC=train.logits, early_protos_CxF=early_protos_CxF, mean=ctx.mean,
+                 std=ctx.std, batch_size=ctx.batch_size, early_NxF=train.early)
+    noise = None if ctx.noise is None else (ctx.noise.feats, ctx.noise.logits)
+    ood_val = None if ctx.ood_val is None else ctx.ood_val.feats
+    return _sources.ood_prototype(p["source"], class_protos_CxD, lam=float(p["lam"]),
+                                  n_ood=int(p["n_ood"]), seed=ctx.seed,
+                                  normalize=bool(p["normalize"]), mixup=mixup, noise=noise,
+                                  ood_val=ood_val)
+
+  def check_data(self, *, num_train: int, num_classes: int, feature_dim: int) -> None:
+    if self.params["k"] > num_train:
+      raise DetectorError(f"grood.k={self.params['k']}: larger than the {num_train} training "
+                          "samples the gradient bank is drawn from")

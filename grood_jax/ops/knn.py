@@ -1,10 +1,15 @@
-"""Helpers shared by the baseline detectors (and GROOD's search).
+"""Exact k-nearest-neighbour search: the one implementation KNN, Mahalanobis, the low-dim
+detectors and GROOD's gradient bank use, on one device or sharded over a mesh.
 
-- `knn_search`: exact, blocked k-nearest-neighbour search in jnp (block sizes from a memory
-  budget, `block_sizes_for_budget`); `l2_normalize`.
-- `head_affine`: the final layer of any backbone as (W_CxD, b_C), read off `fns.head`.
-- jnp pieces used inside the detectors' jitted scores: `energy`, `max_softmax`, `affine`.
-- `as_np32`, `require_labels`: conversions and checks.
+  d_QxK, i_QxK = knn_search(queries_QxD, bank_NxD, k)             # numpy, ascending, exact
+  bank = shard_bank(bank_NxD, mesh); sharded_knn_search(q, bank, k, mesh)   # same result
+
+Squared L2 distances ||q||^2 - 2 q.b + ||b||^2, one matmul per (query block x bank block) at
+precision HIGHEST, clamped at 0; equal distances resolve to the lower bank index. Memory is
+bounded by the blocks (`block_sizes_for_budget`), whatever the bank size. Inside
+`parallel.data_parallel(mesh)` with several devices `knn_search` shards the bank itself:
+each device scans its slice in blocks, the local k best (global indices) are all-gathered and
+merged by a final top-k, so the result equals the single-device one.
 """
 
 from __future__ import annotations
@@ -14,23 +19,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grood_jax.detectors.base import Context, DetectorError, Split
-
-HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def as_np32(x) -> np.ndarray:
-  return np.asarray(x, dtype=np.float32)
-
-
-def require_labels(split: Split, who: str) -> np.ndarray:
-  if split.labels is None:
-    raise DetectorError(f"{who} needs the true labels of {split.name!r}")
-  return np.asarray(split.labels, np.int32)
-
-
-# ------------------------------------------------------------------ nearest neighbours
+from grood_jax import parallel
+from grood_jax.errors import DetectorError
+from grood_jax.ops.numerics import HIGHEST
 
 DEFAULT_MEMORY_BUDGET = 512 << 20    # bytes for one block step of `knn_search`
 _CHUNK = 256                         # bank rows per chunk of the two-stage block top-k
@@ -161,14 +154,12 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
   ||b||^2 is computed once per bank block. The bank is put on the device once, block by block
   (one copy); one compilation per (block shapes, k).
   Raises DetectorError (a ValueError) unless 1 <= k <= N. Inside `parallel.data_parallel`
-  with several devices the bank is split over them (`sharding.sharded_knn_search`, same result).
+  with several devices the bank is split over them (`sharded_knn_search`, same result).
   """
-  from grood_jax import parallel
   if parallel.active_mesh() is not None:          # several devices: the bank is sharded
-    from grood_jax import sharding
-    return sharding.sharded_knn_search(queries_QxD, bank_NxD, k, parallel.active_mesh(),
-                                       query_block=query_block, bank_block=bank_block,
-                                       memory_budget=memory_budget)
+    return sharded_knn_search(queries_QxD, bank_NxD, k, parallel.active_mesh(),
+                              query_block=query_block, bank_block=bank_block,
+                              memory_budget=memory_budget)
   queries_QxD = np.asarray(queries_QxD, np.float32)
   bank_NxD = np.asarray(bank_NxD, np.float32)
   if queries_QxD.ndim != 2 or bank_NxD.ndim != 2 or queries_QxD.shape[1] != bank_NxD.shape[1]:
@@ -209,48 +200,129 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
   return dists, idx
 
 
-def l2_normalize(x_NxD, eps: float = 1e-12):
-  """Rows divided by their L2 norm (rows of norm 0 stay 0)."""
-  x_NxD = jnp.asarray(x_NxD, jnp.float32)
-  return x_NxD / jnp.maximum(jnp.linalg.norm(x_NxD, axis=1, keepdims=True), eps)
+# ------------------------------------------------------------------ sharded exact search
 
 
-# ------------------------------------------------------------------ the final layer
+def _local_layout(n: int, n_dev: int, bank_block: int) -> tuple[int, int]:
+  """(rows per bank block, blocks per device) covering ceil(n / n_dev) rows per device."""
+  per_dev = -(-n // n_dev)
+  bb = max(1, int(bank_block))
+  if bb >= per_dev:                                 # one block per device
+    chunk = _CHUNK
+    bb = per_dev if per_dev < chunk or bb % chunk else -(-per_dev // chunk) * chunk
+  return bb, -(-per_dev // bb)
 
 
-def head_affine(ctx: Context, who: str = "detector") -> tuple[np.ndarray, np.ndarray]:
-  """The final layer as numpy float32 (W_CxD, b_C), so that f = W h + b.
+@functools.lru_cache(maxsize=64)
+def _sharded_search_fn(mesh, axis: str, k: int, bb: int, n_blocks: int):
+  """jit(shard_map(local blocked top-k -> all_gather -> final top-k)) for one layout."""
+  n_local = bb * n_blocks
 
-  Read off `ctx.fns.head` (b = head(0), rows of W from head(e_i) - b), so it works for any
-  backbone whose head is affine, whatever its parameter layout (a flax kernel is (D, C)).
-  Checked on a few training features; a non-affine head raises DetectorError.
+  def local(qa_QxA, qsq_Q, ba_LxA):
+    first = jax.lax.axis_index(axis).astype(jnp.int32) * n_local     # global row of local 0
+    blocks_NbxBxA = ba_LxA.reshape(n_blocks, bb, ba_LxA.shape[1])
+    q = qa_QxA.shape[0]
+    init = (jnp.full((q, k), jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
+    init = jax.lax.pcast(init, (axis,), to="varying")   # the carry differs per device
+
+    def body(best, xs):
+      block_BxA, j = xs
+      d, i = _block_topk(qa_QxA, qsq_Q, block_BxA, first + j * bb, k)
+      return _merge_topk(*best, d, i, k), None
+
+    (best_d, best_i), _ = jax.lax.scan(body, init,
+                                       (blocks_NbxBxA, jnp.arange(n_blocks, dtype=jnp.int32)))
+    # (Q, n_dev * k), device-major: candidates in global-index order across devices.
+    all_d = jax.lax.all_gather(best_d, axis, axis=1, tiled=True, to="invarying")
+    all_i = jax.lax.all_gather(best_i, axis, axis=1, tiled=True, to="invarying")
+    neg_d, pos = jax.lax.top_k(-all_d, k)            # lower position (index) first on ties
+    return -neg_d, jnp.take_along_axis(all_i, pos, axis=1)
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis)), out_specs=(P(), P()))
+  return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=16)
+def _augment_sharded_fn(mesh, axis: str):
+  out = NamedSharding(mesh, P(axis))
+  return jax.jit(_augment_bank, out_shardings=out)
+
+
+def shard_bank(bank_NxD, mesh, *, axis: str | None = None, bank_block: int | None = None,
+               query_block: int = 1024, k: int = 1, memory_budget: int | None = None):
+  """Puts the bank on the mesh for `sharded_knn_search`; returns a reusable `ShardedBank`."""
+  axis = parallel.mesh_axis(mesh, axis)
+  bank_NxD = np.asarray(bank_NxD, np.float32)
+  if bank_NxD.ndim != 2 or bank_NxD.shape[0] == 0:
+    raise ValueError(f"shard_bank: bank must be (N, D) with N >= 1, got {bank_NxD.shape}")
+  n, d = bank_NxD.shape
+  n_dev = mesh.shape[axis]
+  if bank_block is None:
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    _, bank_block = block_sizes_for_budget(query_block, -(-n // n_dev), d, k, budget)
+  bb, n_blocks = _local_layout(n, n_dev, bank_block)
+  rows = n_dev * bb * n_blocks
+  padded = bank_NxD if rows == n else np.concatenate(
+      [bank_NxD, np.zeros((rows - n, d), np.float32)])
+  placed = jax.device_put(padded, NamedSharding(mesh, P(axis)))
+  del padded
+  return ShardedBank(_augment_sharded_fn(mesh, axis)(placed, n), n, d, bb, n_blocks, mesh,
+                     axis)
+
+
+class ShardedBank:
+  """An augmented bank ([b, ||b||^2], +inf on padding rows) split over a mesh axis."""
+
+  def __init__(self, aug_RxA, n, dim, bank_block, n_blocks, mesh, axis):
+    self.aug_RxA, self.n, self.dim = aug_RxA, n, dim
+    self.bank_block, self.n_blocks, self.mesh, self.axis = bank_block, n_blocks, mesh, axis
+
+
+def sharded_knn_search(queries_QxD, bank, k: int, mesh, *, axis: str | None = None,
+                       query_block: int | None = None, bank_block: int | None = None,
+                       memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Exact k nearest bank rows over a device mesh; same contract as `knn_search`.
+
+  `bank` is an (N, D) array or a `ShardedBank` from `shard_bank` (reuse it across calls).
+  Returns numpy (dists_sq_QxK ascending, idx_QxK); equal distances go to the lowest global
+  index. Queries are replicated and go through in blocks of `query_block` (the last padded);
+  each device holds only its slice of the bank and a (query_block x bank_block) distance block.
   """
-  d = int(ctx.train.feats.shape[1])
-  with jax.default_matmul_precision("highest"):
-    b_C = np.asarray(ctx.fns.head(ctx.params, jnp.zeros((1, d), jnp.float32)), np.float64)[0]
-    w_DxC = np.asarray(ctx.fns.head(ctx.params, jnp.eye(d, dtype=jnp.float32)),
-                       np.float64) - b_C
-    h = jnp.asarray(ctx.train.feats[:8], jnp.float32)
-    f = np.asarray(ctx.fns.head(ctx.params, h), np.float64)
-  f_lin = np.asarray(h, np.float64) @ w_DxC + b_C
-  scale = max(1.0, float(np.abs(f).max()))
-  if not np.allclose(f, f_lin, rtol=1e-3, atol=1e-3 * scale):
-    raise DetectorError(f"{who} needs an affine final layer f = W h + b; this model's head is "
-                        "not affine")
-  return w_DxC.T.astype(np.float32), b_C.astype(np.float32)
-
-
-# ------------------------------------------------------------------ score pieces
-
-
-def energy(logits_NxC, temperature=1.0):
-  """T * logsumexp(f / T)."""
-  return temperature * jax.nn.logsumexp(logits_NxC / temperature, axis=-1)
-
-
-def max_softmax(logits_NxC, temperature=1.0):
-  return jnp.max(jax.nn.softmax(logits_NxC / temperature, axis=-1), axis=-1)
-
-
-def affine(h_NxD, w_CxD, b_C):
-  return jnp.matmul(h_NxD, w_CxD.T, precision=HIGHEST) + b_C
+  axis = parallel.mesh_axis(mesh, axis)
+  queries_QxD = np.asarray(queries_QxD, np.float32)
+  k = int(k)
+  q_total = queries_QxD.shape[0] if queries_QxD.ndim == 2 else -1
+  if not isinstance(bank, ShardedBank):
+    n_rows = np.shape(bank)[0] if np.ndim(bank) == 2 else 0
+    qb_for_bank = 1024 if query_block is None else int(query_block)
+    if 1 <= k <= n_rows:
+      bank = shard_bank(bank, mesh, axis=axis, bank_block=bank_block, query_block=qb_for_bank,
+                        k=k, memory_budget=memory_budget)
+    else:
+      raise DetectorError(f"sharded_knn_search: k={k} needs 1 <= k <= bank size "
+                                  f"({n_rows}), bank (N, D)")
+  if queries_QxD.ndim != 2 or queries_QxD.shape[1] != bank.dim:
+    raise DetectorError(f"sharded_knn_search: queries {queries_QxD.shape} must be "
+                                f"(Q, {bank.dim})")
+  if not 1 <= k <= bank.n:
+    raise DetectorError(f"sharded_knn_search: k={k} needs 1 <= k <= bank size "
+                                f"({bank.n})")
+  if q_total == 0:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+  if query_block is None:
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    query_block, _ = block_sizes_for_budget(q_total, bank.bank_block, bank.dim, k,
+                                                    budget)
+  qb = max(1, min(int(query_block), q_total))
+  fn = _sharded_search_fn(bank.mesh, bank.axis, k, bank.bank_block, bank.n_blocks)
+  repl = NamedSharding(bank.mesh, P())
+  dists = np.empty((q_total, k), np.float32)
+  idx = np.empty((q_total, k), np.int32)
+  for start in range(0, q_total, qb):
+    stop = min(start + qb, q_total)
+    q = jax.device_put(_pad_rows(queries_QxD[start:stop], qb), repl)
+    qa, qsq = _augment_queries_jit(q)
+    best_d, best_i = fn(qa, qsq, bank.aug_RxA)
+    dists[start:stop] = np.asarray(best_d)[:stop - start]
+    idx[start:stop] = np.asarray(best_i)[:stop - start]
+  return dists, idx

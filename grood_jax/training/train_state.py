@@ -95,7 +95,7 @@ def make_train_step(graphdef, loss_fn, *, select_fn=None, seed: int = 0,
     if return_metrics:
       out += (metrics,)
     if return_grad_norm:
-      out += (optax.global_norm(grads),)
+      out += (optax.tree.norm(grads),)
     return out
 
   jitted = jax.jit(step, donate_argnums=0)

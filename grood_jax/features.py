@@ -1,5 +1,8 @@
 """Feature extraction: the backbone runs once per dataset, in fixed-size batches.
 
+The input convention lives here (`normalize`): uint8 images are scaled by 1/255, float
+images are taken as they are, then (x - mean) / std.
+
 The last batch is padded to the batch size, so the jitted forward compiles once per shape.
 Inside `parallel.data_parallel(mesh)` each batch is split over the mesh's devices.
 """
@@ -14,7 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from grood_jax import parallel
-from grood_jax.data.base import normalize
+
+
+def normalize(images, mean, std):
+  """Images -> float32 model input (x - mean) / std, where x = images / 255 for uint8 images
+  and x = images for float images (already in the model's scale, e.g. [0, 1]). Works on numpy
+  or jax arrays; mean / std are scalars or per-channel."""
+  x = images.astype(np.float32)
+  if images.dtype == np.uint8:
+    x = x / 255.0
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 @dataclasses.dataclass

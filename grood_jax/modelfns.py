@@ -27,6 +27,9 @@ from grood_jax import parallel
 
 
 class ModelFns:
+  """A model (set to eval mode) as pure functions of its parameters: `fns.forward(params, x)`
+  -> (early, penultimate, logits), `early`, `from_early`, `head`, `logits`, and their jitted
+  forms; `fns.params` holds the parameters (replicated inside `parallel.data_parallel`)."""
 
   def __init__(self, model: nnx.Module):
     model.eval()

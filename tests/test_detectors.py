@@ -8,7 +8,7 @@ from flax import nnx
 from scipy.special import logsumexp, softmax
 from sklearn.neighbors import NearestNeighbors
 
-from grood_jax.data.base import normalize
+from grood_jax.features import normalize
 from grood_jax.detectors import (detector_names, Context, DetectorError, Split, make_detector)
 from grood_jax.detectors import common as _common
 from grood_jax.ops import knn_search

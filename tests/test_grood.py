@@ -297,3 +297,53 @@ def test_detector_variants_and_errors(tiny):
   with pytest.raises(DetectorError):
     make_detector("grood", nope=1)
   assert len(base.grid_points()) == 32
+
+
+def np_grood_variant(ctx, split, *, wrt="ood", tau=1.0, normalize=False):
+  """GROOD end to end in numpy float64, independently of the library (source protomean, k=1):
+  features (L2-normalised if asked), class means by true label, p_ood = their mean, the closed
+  form of dL/dp_ood or dL/dp_target with pi = softmax(-||h - p_j|| / tau) over the C+1
+  prototypes, the bank of correctly classified train samples, -(squared 1-NN distance)."""
+  def feats(s):
+    h = np.asarray(s.feats, np.float64)
+    return h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12) if normalize else h
+  tr = ctx.train
+  h_tr = feats(tr)
+  c = tr.logits.shape[1]
+  protos = np.stack([h_tr[tr.labels == j].mean(0) for j in range(c)])
+  ood = protos.mean(0)
+  all_p = np.concatenate([protos, ood[None]])
+
+  def grads(h, targets):
+    d = np.linalg.norm(h[:, None, :] - all_p[None], axis=2)            # (N, C+1)
+    s = -d / tau
+    pi = np.exp(s - s.max(1, keepdims=True))
+    pi /= pi.sum(1, keepdims=True)
+    col = np.full(len(h), c) if wrt == "ood" else targets
+    diff = h - all_p[col]
+    unit = diff / np.linalg.norm(diff, axis=1, keepdims=True)
+    coef = pi[np.arange(len(h)), col] / tau
+    if wrt == "class":
+      coef = coef - 1.0 / tau
+    return coef[:, None] * unit
+
+  preds = tr.logits.argmax(-1)
+  ok = preds == tr.labels
+  bank = grads(h_tr[ok], preds[ok])
+  q = grads(feats(split), split.logits.argmax(-1))
+  d2 = ((q[:, None, :] - bank[None]) ** 2).sum(-1)
+  return -d2.min(1)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(wrt="class"), dict(tau=3.0), dict(normalize=True),
+                                dict(wrt="class", tau=0.5, normalize=True)])
+def test_wrt_tau_normalize_change_scores_as_the_closed_form_says(tiny, kw):
+  ctx, test = tiny
+  det = make_detector("grood", source="protomean", k=1, **kw)
+  got = det.score(ctx, det.fit(ctx), test)
+  want = np_grood_variant(ctx, test, **kw)
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * scale)
+  if kw:      # the setting matters: the default's closed form is far from this one's scores
+    other = np_grood_variant(ctx, test)
+    assert np.abs(other - want).max() > 1e-2 * scale, kw

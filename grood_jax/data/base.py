@@ -58,7 +58,4 @@ class Benchmark:
   noise: ImageSet | None = None       # blurred noise (GROOD's noise source); never a test set
 
 
-def normalize(images_u8, mean, std):
-  """uint8 (N,H,W,C) -> float32 model input ((x/255 - mean) / std). Works on numpy or jax."""
-  x = images_u8.astype(np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+from grood_jax.features import normalize  # noqa: E402,F401  (the input convention's one home)

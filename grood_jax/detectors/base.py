@@ -46,12 +46,59 @@ class Context:
   params: Any                        # the model's parameter pytree
   mean: Any                          # input normalisation (see data.base.normalize)
   std: Any
-  train: Split                       # ID training split (fit on it)
+  train: Split | None                # ID training split (fit on it)
   ood_val: Split | None = None       # OOD validation set: never a test set
   noise: Split | None = None         # blurred noise images (GROOD's noise source)
   seed: int = 0
   batch_size: int = 256
   cache: dict = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_arrays(cls, model, x_train, y_train=None, *, mean=0.0, std=1.0, x_ood_val=None,
+                  x_noise=None, batch_size: int = 256, seed: int = 0) -> "Context":
+    """A Context for any backbone and in-memory arrays, the model given once.
+
+    model: an `nnx.Module` with the backbone interface (early / from_early / head, see
+    docs/own_model.md) or a `ModelFns`. x_*: images (N, H, W, C) or (N, H, W); uint8 images
+    are scaled by 1/255, float images taken as they are, then (x - mean) / std
+    (`features.normalize`). y_train: int labels (N,), needed by detectors that use class
+    statistics (GROOD, Mahalanobis, ...). x_ood_val: optional OOD *validation* images (GROOD's
+    `oodval` source); x_noise: optional noise images (GROOD's `noise` source).
+    Features and logits are extracted once here; `ctx.split(x)` does the same for a set to score.
+    """
+    from grood_jax.modelfns import ModelFns
+    fns = model if isinstance(model, ModelFns) else ModelFns(model)
+    ctx = cls(fns=fns, params=fns.params, mean=mean, std=std, train=None, seed=int(seed),
+              batch_size=int(batch_size))
+    ctx.train = ctx.split(x_train, labels=y_train, name="train")
+    if x_ood_val is not None:
+      ctx.ood_val = ctx.split(x_ood_val, name="ood_val")
+    if x_noise is not None:
+      ctx.noise = ctx.split(x_noise, name="noise")
+    return ctx
+
+  def split(self, images, labels=None, *, name: str = "split") -> Split:
+    """Features and logits of `images` under this context's model, as a `Split` to score."""
+    from grood_jax.features import extract
+    images = np.asarray(images)
+    if images.ndim == 3:
+      images = images[..., None]
+    if images.ndim != 4 or len(images) == 0:
+      raise DetectorError(f"{name}: images must be (N, H, W, C) or (N, H, W) with N >= 1, got "
+                          f"shape {images.shape}")
+    if not (images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
+      raise DetectorError(f"{name}: images must be uint8 or float, got {images.dtype}")
+    if images.dtype != np.uint8 and not np.isfinite(images).all():
+      raise DetectorError(f"{name}: images hold NaN or Inf values")
+    if labels is not None:
+      labels = np.asarray(labels)
+      if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DetectorError(f"{name}: labels must be {len(images)} integers, got "
+                            f"{labels.dtype} {labels.shape}")
+      labels = labels.astype(np.int32)
+    f = extract(self.fns, self.params, images, mean=self.mean, std=self.std,
+                batch_size=self.batch_size)
+    return Split(name=name, feats=f.feats, logits=f.logits, images=images, labels=labels)
 
   def early_of(self, split: Split) -> np.ndarray:
     """Flattened early features of a split, computed once and kept on the split."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grood_jax import parallel
-from grood_jax.features import batches, pad_batch
+from grood_jax.features import batches, normalize, pad_batch
 from grood_jax.ops import pairwise_sq_dists
 
 
@@ -60,7 +60,6 @@ def early_class_means(fns, params, images_u8: np.ndarray, labels_N, num_classes:
   Memory stays at one batch of early maps plus the (C, F) sums, whatever the data set size
   (the full (N, F) early matrix of a CIFAR/ImageNet train set would not fit).
   """
-  from grood_jax.data.base import normalize
   labels_N = _check_labels(labels_N, num_classes)
   bs = parallel.round_batch(min(batch_size, len(images_u8)))
 

@@ -35,9 +35,8 @@ import numpy as np
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from grood_jax.data.base import normalize
 from grood_jax import parallel
-from grood_jax.features import batches, pad_batch
+from grood_jax.features import batches, normalize, pad_batch
 
 
 # ------------------------------------------------------------------ parameters

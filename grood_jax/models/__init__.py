@@ -15,10 +15,12 @@ _MODELS = {"cnn": SmallCNN, "cnn_dense": DenseCNN, "resnet18": ResNet18, "resnet
 
 
 def register_model(name: str, cls) -> None:
+  """Makes an NNX backbone class available by name (configs' `model.name`, checkpoints)."""
   _MODELS[name] = cls
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 1, seed: int = 0, **kwargs):
+  """A new model of the registered architecture `name`, initialised from `seed`."""
   if name not in _MODELS:
     raise ValueError(f"unknown model {name!r}; choose one of {sorted(_MODELS)}")
   return _MODELS[name](num_classes=num_classes, in_channels=in_channels,
@@ -26,4 +28,5 @@ def build_model(name: str, num_classes: int, in_channels: int = 1, seed: int = 0
 
 
 def model_names() -> list[str]:
+  """Every registered architecture name."""
   return sorted(_MODELS)

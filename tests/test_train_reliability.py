@@ -97,6 +97,7 @@ def test_diverged_loss_stops_and_keeps_the_last_finite_checkpoint(synthetic, tmp
   with pytest.raises(ConfigError, match=r"training diverged: .* at step (\d+)") as info:
     train(config, tmp_path, progress=False)
   msg = str(info.value)
+  assert "the loss is" in msg                      # caught by the loss check, the first one
   bad_step = int(msg.split(" at step ")[1].split()[0])
   newest = checkpoint.latest_step(tmp_path)
   assert newest is not None and newest < bad_step
@@ -167,10 +168,17 @@ def test_library_refuses_bad_values_before_writing(synthetic, tmp_path):
 # ----------------------------------------------------------------------------- one writer
 
 
-def test_a_second_writer_is_refused_at_once(cli, synthetic, tmp_path):
+def test_a_second_writer_is_refused_at_once(cli, synthetic, tmp_path, monkeypatch):
   work = tmp_path / "w"
+  loads = []
+
+  def load(*a, **k):
+    loads.append(a)
+    return _synthetic_benchmark(*a, **k)
+  monkeypatch.setattr(loop_lib.data_lib, "load_benchmark", load)
   with lock_dir(work, "--workdir"):                 # another train holds it
     rc, out, err = cli("--workdir", work)
+    assert not loads                                # refused before any work
     line = _one_error_line(err)
     assert rc == 2 and f"in use by PID {os.getpid()}" in line and "--workdir" in line
     assert not (work / "checkpoints").exists()

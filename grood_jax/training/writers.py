@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 
 import jax
@@ -139,8 +140,10 @@ class TrainLog:
     self._writer = None
     if self.active and tensorboard:
       from tensorboardX import SummaryWriter
+      # tensorboardX names event files by the second; the suffix keeps two writers of one
+      # second (a quick resume) apart and in order (TensorBoard reads files by name).
       self._writer = SummaryWriter(logdir=os.path.join(workdir, TB_DIR), purge_step=purge_step,
-                                   flush_secs=30)
+                                   flush_secs=30, filename_suffix=f".{time.time_ns():020d}")
 
   @property
   def metrics_path(self) -> str:

@@ -13,7 +13,6 @@ import dataclasses
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from grood_jax import parallel
@@ -51,23 +50,40 @@ def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate([x, pad], axis=0)
 
 
-def map_batched(fn: Callable, images_u8: np.ndarray, *, mean, std, batch_size: int = 512,
-                progress: Callable[[int], None] | None = None):
-  """Applies fn(normalised_batch) -> pytree of (B, ...) arrays over images in padded batches.
+def map_arrays(fn: Callable, *arrays, batch_size: int = 512, prepare: Callable | None = None,
+               progress: Callable[[int], None] | None = None):
+  """fn(*batches) -> pytree of (B, ...) arrays, over N rows of `arrays` in padded batches.
 
-  Returns the pytree of numpy arrays concatenated over the N images.
+  The one padded-batch loop: every batch has the same shape (the last padded by repeating its
+  last row), so a jitted `fn` compiles once; inside `parallel.data_parallel(mesh)` the batch
+  size is rounded to the device count and each batch is split over the mesh. `prepare` maps
+  each host batch before it is placed (e.g. image normalisation). Returns the pytree of numpy
+  arrays concatenated over the N rows (padding dropped).
   """
+  n = len(arrays[0])
+  if n == 0:
+    raise ValueError("map_arrays: no rows")
   outs = []
-  bs = parallel.round_batch(min(batch_size, max(len(images_u8), 1)))
-  for start, stop in batches(len(images_u8), bs):
-    xb = pad_batch(images_u8[start:stop], bs)
-    out = fn(parallel.put_batch(normalize(xb, mean, std)))
+  bs = parallel.round_batch(min(batch_size, n))
+  for start, stop in batches(n, bs):
+    xs = [pad_batch(np.asarray(a[start:stop]), bs) for a in arrays]
+    if prepare is not None:
+      xs = [prepare(x) for x in xs]
+    out = fn(*(parallel.put_batch(x) for x in xs))
     outs.append(jax.tree.map(lambda a, k=stop - start: np.asarray(a)[:k], out))
     if progress is not None:
       progress(stop - start)
-  if not outs:
-    raise ValueError("map_batched: no images")
   return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
+
+
+def map_batched(fn: Callable, images_u8: np.ndarray, *, mean, std, batch_size: int = 512,
+                progress: Callable[[int], None] | None = None):
+  """Applies fn(normalised_batch) -> pytree of (B, ...) arrays over images in padded batches
+  (`map_arrays` with `normalize`). Returns numpy arrays concatenated over the N images."""
+  if len(images_u8) == 0:
+    raise ValueError("map_batched: no images")
+  return map_arrays(fn, images_u8, batch_size=batch_size, progress=progress,
+                    prepare=lambda x: normalize(x, mean, std))
 
 
 def extract(fns, params, images_u8: np.ndarray, *, mean, std, batch_size: int = 512,

@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax import parallel
-from grood_jax.features import batches, pad_batch
+from grood_jax.features import map_arrays
 from grood_jax.ops import pairwise_sq_dists, safe_norm  # noqa: F401  (safe_norm: part of the maths)
 
 WRT = ("ood", "class")
@@ -158,11 +157,7 @@ def batched_grads(feats_NxD, class_protos_CxD, ood_proto_D, targets_N, *, wrt="o
     return np.zeros((0, d), np.float32)
   protos = jnp.asarray(class_protos_CxD, jnp.float32)
   ood = jnp.asarray(ood_proto_D, jnp.float32)
-  bs = parallel.round_batch(min(batch_size or default_batch_size(protos.shape[0] + 1, d), n))
   fn = _prototype_grads if method == "autodiff" else _closed_form
-  out = np.empty((n, d), np.float32)
-  for start, stop in batches(n, bs):
-    g = fn(parallel.put_batch(pad_batch(feats_NxD[start:stop], bs)), protos, ood,
-           parallel.put_batch(pad_batch(targets_N[start:stop], bs)), jnp.float32(tau), wrt=wrt)
-    out[start:stop] = np.asarray(g)[:stop - start]
-  return out
+  return map_arrays(lambda h, t: fn(h, protos, ood, t, jnp.float32(tau), wrt=wrt),
+                    feats_NxD, targets_N,
+                    batch_size=batch_size or default_batch_size(protos.shape[0] + 1, d))

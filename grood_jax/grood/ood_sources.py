@@ -26,7 +26,7 @@ import numpy as np
 
 from grood_jax import parallel
 from grood_jax.errors import DetectorError
-from grood_jax.features import batches, early_features, pad_batch
+from grood_jax.features import batches, early_features, map_arrays
 from grood_jax.ops import l2_normalize
 
 SOURCES = ("mixup", "noise", "protomean", "oodval")
@@ -72,11 +72,9 @@ def mixup_feats(fns, params, images_u8, logits_NxC, early_protos_CxF, *, mean, s
 
   z_MxF = np.asarray(mixup_early(jnp.asarray(early_MxF), jnp.asarray(early_protos_CxF, jnp.float32),
                                  jnp.asarray(c2), jnp.float32(lam)))
-  feats = []
-  for start, stop in batches(len(idx), bs):
-    zb = pad_batch(z_MxF[start:stop], bs).reshape((bs,) + early_shape)
-    feats.append(np.asarray(fns.jit_from_early(params, parallel.put_batch(zb)))[:stop - start])
-  return np.concatenate(feats).astype(np.float32), dict(idx=idx, c2=c2, z=z_MxF)
+  feats = map_arrays(lambda z: fns.jit_from_early(params, z), z_MxF, batch_size=bs,
+                     prepare=lambda z: z.reshape((len(z),) + early_shape))
+  return feats.astype(np.float32), dict(idx=idx, c2=c2, z=z_MxF)
 
 
 def noise_keep(logits_NxC, n_ood: int = 100) -> np.ndarray:

@@ -4,8 +4,10 @@ detectors and GROOD's gradient bank use, on one device or sharded over a mesh.
   d_QxK, i_QxK = knn_search(queries_QxD, bank_NxD, k)             # numpy, ascending, exact
   bank = shard_bank(bank_NxD, mesh); sharded_knn_search(q, bank, k, mesh)   # same result
 
-Squared L2 distances ||q||^2 - 2 q.b + ||b||^2, one matmul per (query block x bank block) at
-precision HIGHEST, clamped at 0; equal distances resolve to the lower bank index. Memory is
+Candidates by squared L2 distances ||q||^2 - 2 q.b + ||b||^2, one matmul per (query block x
+bank block) at precision HIGHEST, clamped at 0; the best k + margin candidates are then re-ranked
+by the exact difference sum_j (q_j - b_j)^2 (`exact=True`, the default), so near-ties resolve as
+a direct computation would (sklearn); equal distances resolve to the lower bank index. Memory is
 bounded by the blocks (`block_sizes_for_budget`), whatever the bank size. Inside
 `parallel.data_parallel(mesh)` with several devices `knn_search` shards the bank itself:
 each device scans its slice in blocks, the local k best (global indices) are all-gathered and
@@ -134,6 +136,48 @@ def _knn_merge_block(qa_QxA, qsq_Q, ba_BxA, offset, best_d_QxK, best_i_QxK, *, k
   return _merge_topk(best_d_QxK, best_i_QxK, d_QxJ, i_QxJ, k)
 
 
+def rerank_margin(k: int, n: int) -> int:
+  """Extra candidates re-ranked exactly beyond the k asked for: max(8, k // 8), within the bank.
+
+  The expansion's error is ~1e-7 (||q||^2 + ||b||^2) (float32 cancellation); a true neighbour
+  is lost only if more than `margin` rows fall within that error of the k-th distance."""
+  return max(0, min(int(n) - int(k), max(8, int(k) // 8)))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _exact_rerank(q_SxD, cand_SxJxD, idx_SxJ, *, k):
+  """The k best of J candidates by the exact sum_j (q_j - b_j)^2, ties to the lower index."""
+  diff = cand_SxJxD - q_SxD[:, None, :]
+  d = jnp.sum(diff * diff, axis=2)
+  d, i = jax.lax.sort((d, idx_SxJ), dimension=1, num_keys=2)
+  return d[:, :k], i[:, :k]
+
+
+def _rerank_rows(query_block: int, cand: int, dim: int, budget_bytes: int) -> int:
+  """Query rows per exact re-rank step: the gathered (rows, cand, dim) block and its
+  difference and square (3 copies) fit in the budget; at most the query block."""
+  return max(1, min(int(query_block), max(0, int(budget_bytes)) // (12 * cand * max(1, dim))))
+
+
+def _rerank(q_QxD: np.ndarray, bank_NxD: np.ndarray, idx_QxJ: np.ndarray, k: int,
+            rows: int) -> tuple[np.ndarray, np.ndarray]:
+  """Exact re-rank of the candidate rows idx_QxJ of every query (numpy in, numpy out).
+
+  The candidates are gathered on the host from the bank, `rows` queries at a time (the last
+  step padded, so one compilation per (rows, J, D, k))."""
+  q_total = len(q_QxD)
+  dists = np.empty((q_total, k), np.float32)
+  idx = np.empty((q_total, k), np.int32)
+  for start in range(0, q_total, rows):
+    stop = min(start + rows, q_total)
+    i_sub = _pad_rows(idx_QxJ[start:stop], rows)
+    d, i = _exact_rerank(jnp.asarray(_pad_rows(q_QxD[start:stop], rows)),
+                         jnp.asarray(bank_NxD[i_sub]), jnp.asarray(i_sub), k=k)
+    dists[start:stop] = np.asarray(d)[:stop - start]
+    idx[start:stop] = np.asarray(i)[:stop - start]
+  return dists, idx
+
+
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   if x.shape[0] == rows:
     return x
@@ -141,8 +185,8 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 
 def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
-               bank_block: int | None = None,
-               memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               bank_block: int | None = None, memory_budget: int | None = None,
+               exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Exact k nearest bank rows of every query under the squared L2 distance.
 
   Returns (dists_sq_QxK ascending, idx_QxK) as numpy float32 / int32. Equal distances are
@@ -151,15 +195,19 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
   padded, padding masked with +inf so it is never returned); a block size left out is chosen
   by `block_sizes_for_budget` for `memory_budget` bytes (default 512 MiB). Distances are
   ||q||^2 - 2 q.b + ||b||^2 with one matmul per block at precision HIGHEST, clamped at 0;
-  ||b||^2 is computed once per bank block. The bank is put on the device once, block by block
-  (one copy); one compilation per (block shapes, k).
+  ||b||^2 is computed once per bank block. With `exact` (default) the search keeps the best
+  k + `rerank_margin(k, N)` candidates and re-ranks them by the exact difference
+  sum_j (q_j - b_j)^2 (candidate rows gathered from the host bank in steps bounded by the same
+  budget), so the returned distances are direct ones and near-ties are ordered as sklearn
+  orders them; `exact=False` returns the expansion's top k. The bank is put on the device once,
+  block by block (one copy); one compilation per (block shapes, k).
   Raises DetectorError (a ValueError) unless 1 <= k <= N. Inside `parallel.data_parallel`
   with several devices the bank is split over them (`sharded_knn_search`, same result).
   """
   if parallel.active_mesh() is not None:          # several devices: the bank is sharded
     return sharded_knn_search(queries_QxD, bank_NxD, k, parallel.active_mesh(),
                               query_block=query_block, bank_block=bank_block,
-                              memory_budget=memory_budget)
+                              memory_budget=memory_budget, exact=exact)
   queries_QxD = np.asarray(queries_QxD, np.float32)
   bank_NxD = np.asarray(bank_NxD, np.float32)
   if queries_QxD.ndim != 2 or bank_NxD.ndim != 2 or queries_QxD.shape[1] != bank_NxD.shape[1]:
@@ -171,10 +219,10 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
     raise DetectorError(f"knn_search: k={k} needs 1 <= k <= bank size ({n})")
   if q_total == 0:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+  budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+  kc = k + rerank_margin(k, n) if exact else k       # candidates kept by the block search
   if query_block is None or bank_block is None:
-    auto_qb, auto_bb = block_sizes_for_budget(
-        q_total, n, bank_NxD.shape[1], k,
-        DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget)
+    auto_qb, auto_bb = block_sizes_for_budget(q_total, n, bank_NxD.shape[1], kc, budget)
     query_block = auto_qb if query_block is None else query_block
     bank_block = auto_bb if bank_block is None else bank_block
   bb = max(1, int(bank_block))
@@ -186,18 +234,21 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
     b = jnp.asarray(_pad_rows(bank_NxD[start:start + bb], bb))
     blocks.append((_augment_bank_jit(b, n - start), jnp.int32(start)))
     del b
-  dists = np.empty((q_total, k), np.float32)
-  idx = np.empty((q_total, k), np.int32)
+  dists = np.empty((q_total, kc), np.float32)
+  idx = np.empty((q_total, kc), np.int32)
   for start in range(0, q_total, qb):
     stop = min(start + qb, q_total)
     qa, qsq = _augment_queries_jit(jnp.asarray(_pad_rows(queries_QxD[start:stop], qb)))
-    best_d = jnp.full((qb, k), jnp.inf, jnp.float32)
-    best_i = jnp.full((qb, k), -1, jnp.int32)
+    best_d = jnp.full((qb, kc), jnp.inf, jnp.float32)
+    best_i = jnp.full((qb, kc), -1, jnp.int32)
     for ba, offset in blocks:
-      best_d, best_i = _knn_merge_block(qa, qsq, ba, offset, best_d, best_i, k=k)
+      best_d, best_i = _knn_merge_block(qa, qsq, ba, offset, best_d, best_i, k=kc)
     dists[start:stop] = np.asarray(best_d)[:stop - start]
     idx[start:stop] = np.asarray(best_i)[:stop - start]
-  return dists, idx
+  if not exact:
+    return dists, idx
+  return _rerank(queries_QxD, bank_NxD, idx, k,
+                 _rerank_rows(qb, kc, bank_NxD.shape[1], budget))
 
 
 # ------------------------------------------------------------------ sharded exact search
@@ -267,26 +318,30 @@ def shard_bank(bank_NxD, mesh, *, axis: str | None = None, bank_block: int | Non
   placed = jax.device_put(padded, NamedSharding(mesh, P(axis)))
   del padded
   return ShardedBank(_augment_sharded_fn(mesh, axis)(placed, n), n, d, bb, n_blocks, mesh,
-                     axis)
+                     axis, host_NxD=bank_NxD)
 
 
 class ShardedBank:
-  """An augmented bank ([b, ||b||^2], +inf on padding rows) split over a mesh axis."""
+  """An augmented bank ([b, ||b||^2], +inf on padding rows) split over a mesh axis, and a
+  reference to the host bank (N, D) float32 that the exact re-rank gathers candidates from."""
 
-  def __init__(self, aug_RxA, n, dim, bank_block, n_blocks, mesh, axis):
-    self.aug_RxA, self.n, self.dim = aug_RxA, n, dim
+  def __init__(self, aug_RxA, n, dim, bank_block, n_blocks, mesh, axis, host_NxD=None):
+    self.aug_RxA, self.n, self.dim, self.host_NxD = aug_RxA, n, dim, host_NxD
     self.bank_block, self.n_blocks, self.mesh, self.axis = bank_block, n_blocks, mesh, axis
 
 
 def sharded_knn_search(queries_QxD, bank, k: int, mesh, *, axis: str | None = None,
                        query_block: int | None = None, bank_block: int | None = None,
-                       memory_budget: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       memory_budget: int | None = None,
+                       exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Exact k nearest bank rows over a device mesh; same contract as `knn_search`.
 
   `bank` is an (N, D) array or a `ShardedBank` from `shard_bank` (reuse it across calls).
   Returns numpy (dists_sq_QxK ascending, idx_QxK); equal distances go to the lowest global
   index. Queries are replicated and go through in blocks of `query_block` (the last padded);
   each device holds only its slice of the bank and a (query_block x bank_block) distance block.
+  With `exact` the k + margin candidates are re-ranked exactly as in `knn_search` (on the
+  default device, from the host bank), so both give the same result.
   """
   axis = parallel.mesh_axis(mesh, axis)
   queries_QxD = np.asarray(queries_QxD, np.float32)
@@ -309,15 +364,16 @@ def sharded_knn_search(queries_QxD, bank, k: int, mesh, *, axis: str | None = No
                                 f"({bank.n})")
   if q_total == 0:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+  exact = bool(exact) and bank.host_NxD is not None
+  kc = k + rerank_margin(k, bank.n) if exact else k
+  budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
   if query_block is None:
-    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    query_block, _ = block_sizes_for_budget(q_total, bank.bank_block, bank.dim, k,
-                                                    budget)
+    query_block, _ = block_sizes_for_budget(q_total, bank.bank_block, bank.dim, kc, budget)
   qb = max(1, min(int(query_block), q_total))
-  fn = _sharded_search_fn(bank.mesh, bank.axis, k, bank.bank_block, bank.n_blocks)
+  fn = _sharded_search_fn(bank.mesh, bank.axis, kc, bank.bank_block, bank.n_blocks)
   repl = NamedSharding(bank.mesh, P())
-  dists = np.empty((q_total, k), np.float32)
-  idx = np.empty((q_total, k), np.int32)
+  dists = np.empty((q_total, kc), np.float32)
+  idx = np.empty((q_total, kc), np.int32)
   for start in range(0, q_total, qb):
     stop = min(start + qb, q_total)
     q = jax.device_put(_pad_rows(queries_QxD[start:stop], qb), repl)
@@ -325,4 +381,6 @@ def sharded_knn_search(queries_QxD, bank, k: int, mesh, *, axis: str | None = No
     best_d, best_i = fn(qa, qsq, bank.aug_RxA)
     dists[start:stop] = np.asarray(best_d)[:stop - start]
     idx[start:stop] = np.asarray(best_i)[:stop - start]
-  return dists, idx
+  if not exact:
+    return dists, idx
+  return _rerank(queries_QxD, bank.host_NxD, idx, k, _rerank_rows(qb, kc, bank.dim, budget))

@@ -35,6 +35,14 @@ BUILTIN: dict[str, str] = {
     "lowdim_knn": "grood_jax.detectors.lowdim",
     "lowdim_msp": "grood_jax.detectors.lowdim",
     "lowdim_energy": "grood_jax.detectors.lowdim",
+    "scale": "grood_jax.detectors.scale",
+    "rmds": "grood_jax.detectors.rmds",
+    "dice": "grood_jax.detectors.dice",
+    "nnguide": "grood_jax.detectors.nnguide",
+    "entropy": "grood_jax.detectors.entropy",
+    "tempscale": "grood_jax.detectors.tempscale",
+    "adascale": "grood_jax.detectors.adascale",
+    "fold": "grood_jax.detectors.fold",
 }
 
 REGISTRY: dict[str, type] = {}      # name -> class, for every detector imported so far

@@ -6,7 +6,7 @@
   M_cj   = 1[V_cj > t]                           (keeps the top (100 - p) % contributions)
   score  = logsumexp((M * W) h + b)
 
-p = 90 (the authors' default for CIFAR; the grid is their sweep 10..90). predict() uses the
+p = 90 (the default of the authors and OpenOOD; the grid 10..90 is ours). predict() uses the
 sparsified logits, as the authors' postprocessor. The mean is accumulated in float64.
 """
 

@@ -13,6 +13,16 @@ a parameter pytree and exposes the backbone interface as pure functions:
 
 `jit_forward`, `jit_from_early`, `jit_early_flat` are their jitted forms (built once per model).
 
+Named split points (GROOD's mix-up layer; additions, the functions above are unchanged):
+
+  fns.split_points                       -> the model's names, e.g. ("block1", "block2"); a
+                                            model without `split_points()` has ("early",)
+  fns.resolve_split(name)                -> "early" means the first split point (= `early`)
+  fns.features_at(params, name, x)       -> the map at that split point
+  fns.forward_from(params, name, z)      -> penultimate h from a map at that split point
+  fns.split_shape(params, name, (H, W, C)) -> one image's map shape at that split point
+  fns.jit_features_flat(name) / fns.jit_forward_from(name) -> jitted forms (cached per name)
+
 `fns.params` holds the model's current parameters (and BatchNorm statistics).
 """
 
@@ -38,6 +48,9 @@ class ModelFns:
     self.num_classes = int(model.num_classes)
     self.feature_dim = int(model.feature_dim)
     self.in_channels = int(getattr(model, "in_channels", 1))
+    self.split_points = (tuple(model.split_points()) if hasattr(model, "split_points")
+                         else ("early",))
+    self._jits = {}
 
   def _merge(self, params):
     return nnx.merge(self.graphdef, params)
@@ -80,3 +93,44 @@ class ModelFns:
   @functools.cached_property
   def jit_from_early(self):
     return jax.jit(self.from_early)
+
+  # -- named split points (GROOD's mix-up layer) ----------------------------------------------
+
+  def resolve_split(self, name: str) -> str:
+    """The split point's model name; "early" is the first one (the model's `early`)."""
+    if name == "early":
+      return self.split_points[0]
+    if name not in self.split_points:
+      raise ValueError(f"unknown split point {name!r}; this model has {self.split_points} "
+                       "(or 'early' for the first)")
+    return name
+
+  def features_at(self, params, name, x):
+    name = self.resolve_split(name)
+    m = self._merge(params)
+    return m.early(x) if not hasattr(m, "features_at") else m.features_at(name, x)
+
+  def forward_from(self, params, name, z):
+    name = self.resolve_split(name)
+    m = self._merge(params)
+    return m.from_early(z) if not hasattr(m, "forward_from") else m.forward_from(name, z)
+
+  def split_shape(self, params, name: str, image_shape: tuple) -> tuple:
+    """Shape of one image's feature map at split point `name` (`jax.eval_shape`)."""
+    x0 = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jax.numpy.float32)
+    return tuple(jax.eval_shape(lambda x: self.features_at(params, name, x), x0).shape[1:])
+
+  def jit_features_flat(self, name: str):
+    key = ("features_flat", self.resolve_split(name))
+    if key not in self._jits:
+      def fn(params, x, _n=key[1]):
+        e = self.features_at(params, _n, x)
+        return e.reshape(e.shape[0], -1)
+      self._jits[key] = jax.jit(fn)
+    return self._jits[key]
+
+  def jit_forward_from(self, name: str):
+    key = ("forward_from", self.resolve_split(name))
+    if key not in self._jits:
+      self._jits[key] = jax.jit(lambda params, z, _n=key[1]: self.forward_from(params, _n, z))
+    return self._jits[key]

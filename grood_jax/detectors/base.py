@@ -216,6 +216,11 @@ class Detector:
     """The declared `Param` of `key`, or one inferred from its default's type."""
     return cls.specs.get(key) or infer_param(cls.defaults[key])
 
+  def uses_outlier_data(self) -> bool:
+    """Whether this setting uses real outlier data (OpenOOD's "Outlier_Data: Yes" group, e.g.
+    GROOD's `oodval` source); ranked apart from the post-hoc detectors. Default: no."""
+    return False
+
   def check_data(self, *, num_train: int, num_classes: int, feature_dim: int) -> None:
     """DetectorError when these parameters cannot work on data of this size (e.g. k larger
     than the bank); called by the harness before any work. Override where it applies."""

@@ -14,6 +14,23 @@ predict: the nearest class prototype argmin_c ||h - p_c|| (NCP prediction).
 normalize=True L2-normalises every penultimate feature (train, OOD source rows, scored
 splits) before anything else; prototypes are then means of unit vectors (not re-normalised).
 grad="closed_form" uses the closed form of the gradient instead of autodiff (same numbers).
+
+The reference's knobs (the first author's OpenOOD grood.py), defaults = today's numbers:
+  layer           the mix-up split point: "early" (the model's first split point, = the
+                  reference's pre_layer_indx 1), "last", or a name of `fns.split_points`
+                  (SmallCNN: block1, block2; ResNets: layer1, layer2, layer3)
+  source          one of ood_sources.SOURCES or several joined by '+' (rows pooled)
+  filter_ood      keep OOD-source rows far from every class prototype (ood_sources.filter_far;
+                  filter_quantile, default the reference's 0.8)
+  sampling_ratio  fit (prototypes, mix-up draws, bank) on a seeded random fraction of the
+                  ID train split (the reference: the first sampling_ratio x batches)
+  protos_from     "train" or "id_val": class (and mix-up layer) prototypes from the Context's
+                  `id_val` split (the reference's use_val); the bank stays on train. The
+                  harness's Context has no id_val today: then DetectorError.
+  no_gradients    no bank: score = ||h - p_ood|| (wrt="ood") or -||h - p_pred|| (wrt="class")
+  distance_loss   the loss is the mean NCP logit (loss.py), so the gradient is a unit vector
+                  scaled by 1/((C+1) tau), then the same bank search
+uses_outlier_data(): True when the source pools real outliers ("oodval").
 """
 
 from __future__ import annotations
@@ -32,7 +49,9 @@ from grood_jax.grood import search as _search
 class GROOD(Detector):
   name = "grood"
   defaults = dict(source="mixup", lam=0.5, n_ood=100, k=1, wrt="ood", metric="l2", tau=1.0,
-                  normalize=False, score_kind="knn", grad="autodiff")
+                  normalize=False, score_kind="knn", grad="autodiff", layer="early",
+                  filter_ood=False, filter_quantile=0.8, sampling_ratio=1.0,
+                  protos_from="train", no_gradients=False, distance_loss=False)
   # 4 x 2 x 2 x 2 = 32 points; lam is left at the paper's 0.5 (it only acts for mixup, so a
   # lam axis would mostly repeat the other sources).
   grid = dict(source=["mixup", "noise", "protomean", "oodval"], tau=[1.0, 10.0], k=[1, 5],
@@ -40,11 +59,30 @@ class GROOD(Detector):
   description = ("GROOD: gradient of the nearest-class-prototype loss w.r.t. an OOD prototype, "
                  "scored by the nearest gradient of correctly classified train samples")
 
-  specs = dict(source=Param("str", choices=_sources.SOURCES), lam=Param("float", lo=0, hi=1),
+  specs = dict(source=Param("str", doc="one of " + "|".join(_sources.SOURCES) + ", or several "
+                            "joined by '+'"),
+               lam=Param("float", lo=0, hi=1),
                n_ood=Param("int", lo=1), k=Param("int", lo=1), wrt=Param("str", choices=_loss.WRT),
                metric=Param("str", choices=_search.METRICS), tau=Param("float", lo=0, lo_open=True),
                normalize=Param("bool"), score_kind=Param("str", choices=_search.SCORE_KINDS),
-               grad=Param("str", choices=_loss.METHODS))
+               grad=Param("str", choices=_loss.METHODS),
+               layer=Param("str", doc="early | last | a split point name of the model"),
+               filter_ood=Param("bool"), filter_quantile=Param("float", lo=0, hi=1,
+                                                               hi_open=True),
+               sampling_ratio=Param("float", lo=0, hi=1, lo_open=True),
+               protos_from=Param("str", choices=("train", "id_val")),
+               no_gradients=Param("bool"), distance_loss=Param("bool"))
+
+  def __init__(self, **params):
+    super().__init__(**params)
+    _sources.parse_sources(self.params["source"])       # DetectorError on an unknown name
+    if self.params["no_gradients"] and self.params["distance_loss"]:
+      raise DetectorError("grood: no_gradients and distance_loss together are not defined here "
+                          "(no_gradients scores by a distance, without any loss)")
+
+  def uses_outlier_data(self) -> bool:
+    """True when this setting's OOD prototype averages real outliers (the `oodval` source)."""
+    return "oodval" in _sources.parse_sources(self.params["source"])
 
   # -- helpers -------------------------------------------------------------------------------
 
@@ -57,38 +95,78 @@ class GROOD(Detector):
   def _grads(self, state: dict, feats_NxD, targets_N) -> np.ndarray:
     p = self.params
     return _loss.batched_grads(feats_NxD, state["class_protos"], state["ood_proto"], targets_N,
-                               wrt=p["wrt"], tau=float(p["tau"]), method=p["grad"])
+                               wrt=p["wrt"], tau=float(p["tau"]), method=p["grad"],
+                               loss="distance" if p["distance_loss"] else "ncp")
 
-  def _early_protos(self, ctx: Context, num_classes: int):
-    train = ctx.train
+  def _layer(self, ctx: Context):
+    """The mix-up split point's model name, or None for the early layer (today's path)."""
+    layer = self.params["layer"]
+    names = tuple(getattr(ctx.fns, "split_points", ("early",)))
+    if layer == "last":
+      layer = names[-1]
+    if layer != "early" and layer not in names:
+      raise DetectorError(f"grood.layer={layer!r}: this model's split points are {names} "
+                          "(or 'early' / 'last')")
+    return None if layer in ("early", names[0]) else layer
+
+  def _early_protos(self, ctx: Context, num_classes: int, split: Split | None = None,
+                    layer: str | None = None):
+    train = ctx.train if split is None else split
     key = ("grood.early_protos", train.name, len(train))
+    if layer is not None:
+      key = key + (layer,)
     if key not in ctx.cache:
-      if train.early is not None:
+      if train.early is not None and layer is None:
         ctx.cache[key] = _protos.class_means(train.early, train.labels, num_classes)
       elif train.images is None:
         raise DetectorError(f"grood source 'mixup' needs the images of {train.name}")
       else:
         ctx.cache[key] = _protos.early_class_means(
             ctx.fns, ctx.params, train.images, train.labels, num_classes, mean=ctx.mean,
-            std=ctx.std, batch_size=ctx.batch_size)
+            std=ctx.std, batch_size=ctx.batch_size, layer=layer)
     return np.asarray(ctx.cache[key])
+
+  def _fit_split(self, ctx: Context) -> Split:
+    """The ID train split GROOD fits on: all of it, or a seeded fraction (sampling_ratio)."""
+    train = ctx.train
+    ratio = float(self.params["sampling_ratio"])
+    if ratio >= 1.0:
+      return train
+    n = len(train)
+    m = max(1, int(np.ceil(ratio * n)))
+    idx = np.sort(np.random.default_rng(ctx.seed).choice(n, size=m, replace=False))
+    pick = lambda a: None if a is None else np.asarray(a)[idx]
+    return Split(name=f"{train.name}[ratio={ratio:g}]", feats=pick(train.feats),
+                 logits=pick(train.logits), images=pick(train.images),
+                 labels=pick(train.labels), early=pick(train.early))
 
   # -- protocol ------------------------------------------------------------------------------
 
   def fit(self, ctx: Context) -> dict:
     p = self.params
-    train = ctx.train
+    train = self._fit_split(ctx)
     if train.labels is None:
       raise DetectorError(f"grood: the train split {train.name} has no labels")
     labels_N = np.asarray(train.labels)
     num_classes = int(np.asarray(train.logits).shape[1])
     feats_NxD = self._feats(train)
+    proto_split = train
+    if p["protos_from"] == "id_val":
+      proto_split = getattr(ctx, "id_val", None)
+      if proto_split is None or proto_split.labels is None:
+        raise DetectorError("grood.protos_from='id_val' needs a labelled ID validation split "
+                            "as ctx.id_val; this Context has none")
+    proto_feats = feats_NxD if proto_split is train else self._feats(proto_split)
     try:
-      class_protos = np.asarray(_protos.class_means(feats_NxD, labels_N, num_classes))
+      class_protos = np.asarray(_protos.class_means(proto_feats, np.asarray(proto_split.labels),
+                                                    num_classes))
     except ValueError as e:
       raise DetectorError(f"grood: {e}") from None
-    early_protos = self._early_protos(ctx, num_classes) if p["source"] == "mixup" else None
-    ood_proto, _ = self.ood_prototype(ctx, class_protos, early_protos)
+    sources = _sources.parse_sources(p["source"])
+    layer = self._layer(ctx) if "mixup" in sources else None
+    early_protos = (self._early_protos(ctx, num_classes, proto_split, layer)
+                    if "mixup" in sources else None)
+    ood_proto, _ = self.ood_prototype(ctx, class_protos, early_protos, train=train)
 
     preds_N = np.asarray(train.logits).argmax(-1)
     correct = preds_N == labels_N
@@ -98,12 +176,20 @@ class GROOD(Detector):
     state = dict(class_protos=class_protos, ood_proto=ood_proto)
     if early_protos is not None:
       state["early_protos"] = early_protos
-    state["bank"] = self._grads(state, feats_NxD[correct], preds_N[correct])
+    if p["no_gradients"]:
+      state["bank"] = np.zeros((0, feats_NxD.shape[1]), np.float32)
+    else:
+      from grood_jax.features import Rows        # the correct rows, read batch by batch
+      keep = np.flatnonzero(correct)
+      state["bank"] = self._grads(state, Rows(feats_NxD, keep), preds_N[keep])
     return state
 
   def score(self, ctx: Context, state: dict, split: Split) -> np.ndarray:
     p = self.params
     targets_N = np.asarray(split.logits).argmax(-1)
+    if p["no_gradients"]:
+      return _loss.prototype_distance_scores(self._feats(split), state["class_protos"],
+                                             state["ood_proto"], targets_N, wrt=p["wrt"])
     grads_NxD = self._grads(state, self._feats(split), targets_N)
     return _search.gradient_scores(grads_NxD, state["bank"], score_kind=p["score_kind"],
                                    k=int(p["k"]), metric=p["metric"])
@@ -111,19 +197,30 @@ class GROOD(Detector):
   def predict(self, ctx: Context, state: dict, split: Split) -> np.ndarray:
     return _protos.nearest_prototype(self._feats(split), state["class_protos"])
 
-  def ood_prototype(self, ctx: Context, class_protos_CxD, early_protos_CxF=None):
-    """p_ood and its info from this detector's source, with the arrays taken from `ctx`."""
+  def ood_prototype(self, ctx: Context, class_protos_CxD, early_protos_CxF=None, *,
+                    train: Split | None = None):
+    """p_ood and its info from this detector's source(s), with the arrays taken from `ctx`
+    (`train`: the split fitted on, default ctx.train)."""
     p = self.params
-    train = ctx.train
+    train = ctx.train if train is None else train
+    layer = self._layer(ctx) if "mixup" in _sources.parse_sources(p["source"]) else None
     mixup = dict(fns=ctx.fns, params=ctx.params, images_u8=train.images,
                  logits_NxC=train.logits, early_protos_CxF=early_protos_CxF, mean=ctx.mean,
                  std=ctx.std, batch_size=ctx.batch_size, early_NxF=train.early)
+    if layer is not None:
+      mixup["layer"] = layer
     noise = None if ctx.noise is None else (ctx.noise.feats, ctx.noise.logits)
     ood_val = None if ctx.ood_val is None else ctx.ood_val.feats
+    noise_ref = None
+    if train.images is not None:
+      noise_ref = dict(fns=ctx.fns, params=ctx.params, image_shape=tuple(train.images.shape[1:]),
+                       batch_size=ctx.batch_size)
     return _sources.ood_prototype(p["source"], class_protos_CxD, lam=float(p["lam"]),
                                   n_ood=int(p["n_ood"]), seed=ctx.seed,
                                   normalize=bool(p["normalize"]), mixup=mixup, noise=noise,
-                                  ood_val=ood_val)
+                                  ood_val=ood_val, noise_ref=noise_ref,
+                                  filter_ood=bool(p["filter_ood"]),
+                                  filter_quantile=float(p["filter_quantile"]))
 
   def check_data(self, *, num_train: int, num_classes: int, feature_dim: int) -> None:
     if self.params["k"] > num_train:

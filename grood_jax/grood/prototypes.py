@@ -54,8 +54,11 @@ def class_means(feats_NxD, labels_N, num_classes: int) -> jax.Array:
 
 
 def early_class_means(fns, params, images_u8: np.ndarray, labels_N, num_classes: int, *,
-                      mean, std, batch_size: int = 256) -> jax.Array:
+                      mean, std, batch_size: int = 256, layer: str | None = None) -> jax.Array:
   """Class means of the flattened early feature map, streamed over the images: (C, F).
+
+  `layer`: a named split point of the model (fns.split_points) instead of the early layer
+  (None or the first split point: `fns.early`, as before).
 
   Memory stays at one batch of early maps plus the (C, F) sums, whatever the data set size
   (the full (N, F) early matrix of a CIFAR/ImageNet train set would not fit).
@@ -63,9 +66,12 @@ def early_class_means(fns, params, images_u8: np.ndarray, labels_N, num_classes:
   labels_N = _check_labels(labels_N, num_classes)
   bs = parallel.round_batch(min(batch_size, len(images_u8)))
 
+  if layer is not None and fns.resolve_split(layer) == fns.split_points[0]:
+    layer = None
+
   @jax.jit
   def batch_sums(x, lab):
-    e = fns.early(params, x)
+    e = fns.early(params, x) if layer is None else fns.features_at(params, layer, x)
     return _segment_sums(e.reshape(e.shape[0], -1).astype(jnp.float32), lab, num_classes)
 
   total, counts = None, None

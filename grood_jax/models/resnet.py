@@ -5,6 +5,9 @@ Both follow the backbone interface of grood_jax (see cnn.py):
   from_early(e) -> h   penultimate feature (B, feature_dim), post-ReLU, global-average-pooled
   head(h)       -> f   logits (B, num_classes)
   __call__(x)   == head(from_early(early(x)))
+  split_points() -> ("layer1", "layer2", "layer3"): the maps after each of the first three
+  stages (the reference's pre_layer_indx 1..3; "layer1" is `early`); features_at(name, x)
+  and forward_from(name, z) (z at that point -> penultimate h).
 
 Submodules are named like torchvision's (conv1, bn1, layer1[i].conv1, layer1[i].downsample[0],
 fc, ...) and convolutions use PyTorch's symmetric padding, so a PyTorch state dict maps onto
@@ -118,6 +121,32 @@ class ResNet(nnx.Module):
   def from_early(self, e: jax.Array) -> jax.Array:
     x = e
     for stage in (self.layer2, self.layer3, self.layer4):
+      for blk in stage:
+        x = blk(x)
+    return jnp.mean(x, axis=(1, 2))
+
+  SPLIT_POINTS = ("layer1", "layer2", "layer3")
+
+  def split_points(self) -> tuple:
+    return self.SPLIT_POINTS
+
+  def _stage_index(self, name: str) -> int:
+    if name not in self.SPLIT_POINTS:
+      raise ValueError(f"unknown split point {name!r}; choose from {self.SPLIT_POINTS}")
+    return self.SPLIT_POINTS.index(name)
+
+  def features_at(self, name: str, x: jax.Array) -> jax.Array:
+    i = self._stage_index(name)
+    x = self.early(x)
+    for stage in (self.layer2, self.layer3)[:i]:
+      for blk in stage:
+        x = blk(x)
+    return x
+
+  def forward_from(self, name: str, z: jax.Array) -> jax.Array:
+    i = self._stage_index(name)
+    x = z
+    for stage in (self.layer2, self.layer3, self.layer4)[i:]:
       for blk in stage:
         x = blk(x)
     return jnp.mean(x, axis=(1, 2))

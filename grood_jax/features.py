@@ -50,15 +50,40 @@ def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate([x, pad], axis=0)
 
 
+class Rows:
+  """A lazy row subset `array[index]` that `map_arrays` reads batch by batch, so a selection
+  of rows (e.g. GROOD's correctly classified train samples) is never copied whole."""
+
+  def __init__(self, array, index):
+    self.array, self.index = array, np.asarray(index, np.int64)
+    self.shape = (len(self.index),) + tuple(np.shape(array)[1:])
+    self.dtype = getattr(array, "dtype", np.float32)
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __getitem__(self, rows):
+    return np.asarray(self.array[self.index[rows]])
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.asarray(self.array[self.index])
+    return out if dtype is None else out.astype(dtype)
+
+
 def map_arrays(fn: Callable, *arrays, batch_size: int = 512, prepare: Callable | None = None,
-               progress: Callable[[int], None] | None = None):
+               progress: Callable[[int], None] | None = None,
+               sink: Callable[[int, int, object], None] | None = None):
   """fn(*batches) -> pytree of (B, ...) arrays, over N rows of `arrays` in padded batches.
 
   The one padded-batch loop: every batch has the same shape (the last padded by repeating its
   last row), so a jitted `fn` compiles once; inside `parallel.data_parallel(mesh)` the batch
-  size is rounded to the device count and each batch is split over the mesh. `prepare` maps
-  each host batch before it is placed (e.g. image normalisation). Returns the pytree of numpy
-  arrays concatenated over the N rows (padding dropped).
+  size is rounded to the device count and each batch is split over the mesh (on several
+  processes the outputs are gathered to every host: `parallel.to_host`). `arrays` are numpy
+  arrays or anything with len() and slicing that returns numpy (a memmap, `Rows`, a generated
+  source): only one batch of them is read at a time. `prepare` maps each host batch before it
+  is placed (e.g. image normalisation). Returns the pytree of numpy arrays concatenated over
+  the N rows (padding dropped); with `sink`, calls sink(start, stop, outputs) per batch
+  instead and returns None (nothing accumulated: streaming into a file).
   """
   n = len(arrays[0])
   if n == 0:
@@ -69,21 +94,28 @@ def map_arrays(fn: Callable, *arrays, batch_size: int = 512, prepare: Callable |
     xs = [pad_batch(np.asarray(a[start:stop]), bs) for a in arrays]
     if prepare is not None:
       xs = [prepare(x) for x in xs]
-    out = fn(*(parallel.put_batch(x) for x in xs))
-    outs.append(jax.tree.map(lambda a, k=stop - start: np.asarray(a)[:k], out))
+    out = parallel.to_host(fn(*(parallel.put_batch(x) for x in xs)))   # gathered over hosts
+    out = jax.tree.map(lambda a, k=stop - start: a[:k], out)
+    if sink is not None:
+      sink(start, stop, out)
+    else:
+      outs.append(out)
     if progress is not None:
       progress(stop - start)
+  if sink is not None:
+    return None
   return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
 
 
 def map_batched(fn: Callable, images_u8: np.ndarray, *, mean, std, batch_size: int = 512,
-                progress: Callable[[int], None] | None = None):
+                progress: Callable[[int], None] | None = None, sink=None):
   """Applies fn(normalised_batch) -> pytree of (B, ...) arrays over images in padded batches
-  (`map_arrays` with `normalize`). Returns numpy arrays concatenated over the N images."""
+  (`map_arrays` with `normalize`). Returns numpy arrays concatenated over the N images (with
+  `sink`: streamed to it, see `map_arrays`)."""
   if len(images_u8) == 0:
     raise ValueError("map_batched: no images")
   return map_arrays(fn, images_u8, batch_size=batch_size, progress=progress,
-                    prepare=lambda x: normalize(x, mean, std))
+                    prepare=lambda x: normalize(x, mean, std), sink=sink)
 
 
 def extract(fns, params, images_u8: np.ndarray, *, mean, std, batch_size: int = 512,
@@ -108,3 +140,80 @@ def early_features(fns, params, images_u8: np.ndarray, *, mean, std, batch_size:
   (`fns.jit_early_flat`) in fixed-size padded batches."""
   return map_batched(lambda x: fns.jit_early_flat(params, x), images_u8, mean=mean, std=std,
                      batch_size=batch_size, progress=progress)
+
+
+def extract_to_files(fns, params, images_u8, paths: dict, *, mean, std, batch_size: int = 512,
+                     progress=None) -> Features:
+  """`extract`, streamed batch by batch into .npy files: paths = {"feats": ..., "logits": ...}.
+
+  Each output is written through a float32 `np.lib.format.open_memmap` beside its final path
+  and renamed into place once complete (no partial file under the final name); the result
+  holds read-only memory maps of the files, so N x D features never need N x D of RAM.
+  `images_u8` may be any sliceable source (a memmap, a generated source): one batch at a time.
+  """
+  import os
+  n = len(images_u8)
+  if n == 0:
+    raise ValueError("extract_to_files: no images")
+  tmp = {k: f"{p}.tmp-{os.getpid()}.npy" for k, p in paths.items()}
+  maps: dict = {}
+
+  def fwd(x):
+    _, h, f = fns.jit_forward(params, x)
+    return {"feats": h, "logits": f}
+
+  def sink(start, stop, out):
+    for k in paths:
+      a = out[k].reshape(stop - start, -1)
+      if k not in maps:
+        maps[k] = np.lib.format.open_memmap(tmp[k], mode="w+", dtype=np.float32,
+                                            shape=(n, a.shape[1]))
+      maps[k][start:stop] = a
+
+  try:
+    map_batched(fwd, images_u8, mean=mean, std=std, batch_size=batch_size, progress=progress,
+                sink=sink)
+    for k, m in maps.items():
+      m.flush()
+      del m
+    maps.clear()
+    for k in paths:
+      os.replace(tmp[k], paths[k])
+  finally:
+    maps.clear()
+    for t in tmp.values():
+      if os.path.exists(t):
+        os.remove(t)
+  return load_feature_files(paths)
+
+
+def load_feature_files(paths: dict) -> Features:
+  """Features of `extract_to_files` as read-only memory maps (np.load(mmap_mode="r"))."""
+  got = {k: np.load(p, mmap_mode="r", allow_pickle=False) for k, p in paths.items()}
+  return Features(feats=got["feats"], logits=got["logits"])
+
+
+MEMMAP_MIN_ROWS = 1_000_000     # sets at least this large are cached as memory-mapped .npy
+
+
+def cached_feature_files(fns, params, images_u8, cache_dir: str, key: str, *, mean, std,
+                         batch_size: int = 512, progress=None) -> tuple[Features, bool]:
+  """(features, hit): the memory-mapped feature cache of one large image set.
+
+  `<cache_dir>/feats-<key>.feats.npy` and `.logits.npy`, read as memory maps when both are
+  readable with N float32 rows, else extracted into them (`extract_to_files`). The feature
+  cache of the scoring harness uses it for sets of `MEMMAP_MIN_ROWS` images or more."""
+  import os
+  paths = {k: os.path.join(cache_dir, f"feats-{key}.{k}.npy") for k in ("feats", "logits")}
+  n = len(images_u8)
+  if all(os.path.exists(p) for p in paths.values()):
+    try:
+      got = load_feature_files(paths)
+      if all(a.ndim == 2 and len(a) == n and a.dtype == np.float32
+             for a in (got.feats, got.logits)):
+        return got, True
+    except (OSError, ValueError):
+      pass
+  os.makedirs(cache_dir, exist_ok=True)
+  return extract_to_files(fns, params, images_u8, paths, mean=mean, std=std,
+                          batch_size=batch_size, progress=progress), False

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grood_jax.features import map_arrays
+from grood_jax.features import Rows, map_arrays
 from grood_jax.ops import pairwise_sq_dists, safe_norm  # noqa: F401  (safe_norm: part of the maths)
 
 WRT = ("ood", "class")
@@ -177,7 +177,8 @@ def batched_grads(feats_NxD, class_protos_CxD, ood_proto_D, targets_N, *, wrt="o
   reference's distance_loss (see the module docstring).
   """
   _check(wrt, method, loss)
-  feats_NxD = np.asarray(feats_NxD, np.float32)
+  if not isinstance(feats_NxD, Rows):                  # a Rows subset is read batch by batch
+    feats_NxD = np.asarray(feats_NxD, np.float32)
   targets_N = np.asarray(targets_N, np.int32)
   n, d = feats_NxD.shape
   if n == 0:

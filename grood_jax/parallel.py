@@ -14,17 +14,24 @@ such a block everything stays on the default device.
 
 This module is the one home of the device mesh and placement: `make_mesh`, `mesh_for`,
 `mesh_axis`, `replicate`, `global_batch`, `shard_batch`, `data_parallel`, `active_mesh`,
-`round_batch`, `put_batch`, `put_params`, `settle`. The data-parallel train step is
-`training.train_state.make_train_step(..., mesh=mesh)`.
+`round_batch`, `put_batch`, `put_params`, `put_global`, `to_host`, `settle`, and the
+multi-process start `initialize_distributed` (`is_main_process`). The data-parallel train step
+is `training.train_state.make_train_step(..., mesh=mesh)`.
 
-Multi-host (after `jax.distributed.initialize()`): every process computes the same global
-batch (same seed, same order) and contributes the rows of its own devices
-(`jax.make_array_from_process_local_data`); the mesh spans every process's devices.
+Multi-process (after `initialize_distributed`, i.e. `jax.distributed.initialize`): every
+process runs the same program on the same data (same seed, same order). The mesh spans every
+process's devices; a global batch is assembled from the rows of each process's own devices
+(`jax.make_array_from_process_local_data`), replicated values from each process's own copy
+(`put_global`: `jax.make_array_from_callback`, no cross-host transfer), and results that
+span other processes' devices come back to every host through `to_host` (an all-gather,
+`multihost_utils.process_allgather`). On one process every one of these is the plain
+single-process call (no branch taken), so one-process numbers do not move.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +74,140 @@ def axis_size(mesh, axis: str | None = None) -> int:
 
 
 def replicate(tree, mesh):
-  """Every leaf fully copied on every device of the mesh (parameters, optimiser state)."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """Every leaf fully copied on every device of the mesh (parameters, optimiser state).
+
+  On several processes each leaf is built from this process's own copy of the value (every
+  process holds the same one): `put_global`, never a cross-host device transfer."""
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda leaf: put_global(leaf, sharding), tree)
+
+
+def _host_value(x) -> np.ndarray:
+  """A numpy copy of `x` read on this process (a jax array spanning other processes' devices
+  must be fully replicated: its local copy is read)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not x.is_fully_replicated:
+      raise ValueError("put_global: a jax.Array split over other processes' devices; pass "
+                       "the host value (or parallel.to_host(x))")
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
+def put_global(x, sharding) -> jax.Array:
+  """`x` (the same value on every process: numpy, a scalar or a jax array) laid out as
+  `sharding`, which may span every process's devices.
+
+  One process: `jax.device_put`. Several: `jax.make_array_from_callback`, each process
+  placing the pieces of its own devices from its own copy (no cross-host transfer, no
+  equality check over the network)."""
+  if jax.process_count() == 1 or sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable and x.sharding == sharding:
+    return x
+  value = _host_value(x)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(tree):
+  """Every leaf as numpy on this process. A jax array split over other processes' devices
+  is all-gathered first (`multihost_utils.process_allgather`), so every process gets the
+  whole value; anything else is `np.asarray` (one process: exactly that)."""
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)
+  return jax.tree.map(one, tree)
+
+
+# ------------------------------------------------------------------ several processes
+
+
+def all_processes(flag: bool) -> bool:
+  """True when `flag` is True on every process (one tiny all-gather; one process: `flag`).
+  For decisions every process must take alike, e.g. a cache hit that skips collectives."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.asarray([bool(flag)], np.int32))))
+
+
+def is_main_process() -> bool:
+  """True on process 0 (the one that logs and writes reports, metrics and event files)."""
+  return jax.process_index() == 0
+
+
+def _distributed_error(text: str):
+  from grood_jax.errors import ConfigError
+  return ConfigError(text)
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> dict:
+  """Starts JAX's multi-process runtime (`jax.distributed.initialize`); call it before any
+  other JAX work. Returns {"process_id", "num_processes", "devices", "local_devices"}.
+
+  Explicit: `coordinator` ("HOST:PORT" of process 0, which listens there), `num_processes`
+  and `process_id` (0 .. N-1, a different one per process) — give all three (the coordinator
+  may also come from $JAX_COORDINATOR_ADDRESS, which jax reads). With none of them, jax
+  detects the cluster: Cloud TPU pods, SLURM (srun), Open MPI (mpirun; mpi4py), Kubernetes
+  (JobSet/indexed jobs), or $JAX_COORDINATOR_ADDRESS plus a cluster that supplies the rest.
+  Anything that cannot work (a missing value, process_id out of range, a malformed address,
+  no cluster detected) is a ConfigError (a UserError) of one line naming what is missing.
+  On CPU, collectives between processes go through gloo (jax's default).
+  """
+  given = {"--coordinator": coordinator, "--num-processes": num_processes,
+           "--process-id": process_id}
+  if coordinator is None:
+    coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  explicit = num_processes is not None or process_id is not None
+  if explicit:
+    missing = [k for k, v in (("--coordinator HOST:PORT", coordinator),
+                              ("--num-processes N", num_processes),
+                              ("--process-id I", process_id)) if v is None]
+    if missing:
+      named = ", ".join(k for k, v in given.items() if v is not None)
+      raise _distributed_error(
+          f"--distributed: {named} given without {' and '.join(missing)}; give all three "
+          "(the same --coordinator and --num-processes on every process, --process-id 0..N-1), "
+          "or none of them on a cluster jax detects (TPU pod, SLURM, Open MPI, Kubernetes)")
+    if int(num_processes) < 1:
+      raise _distributed_error(f"--num-processes {num_processes}: must be at least 1")
+    if not 0 <= int(process_id) < int(num_processes):
+      raise _distributed_error(f"--process-id {process_id}: must be in 0..{int(num_processes) - 1}"
+                               f" (--num-processes {num_processes})")
+  if coordinator is not None:
+    host, sep, port = str(coordinator).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise _distributed_error(f"--coordinator {coordinator!r}: expected HOST:PORT (process 0's "
+                               "address and a free port, e.g. 10.0.0.1:1234)")
+  kwargs = {}
+  if coordinator is not None:
+    kwargs["coordinator_address"] = str(coordinator)
+  if explicit:
+    kwargs.update(num_processes=int(num_processes), process_id=int(process_id))
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, TypeError) as e:          # jax: "... must be defined", no cluster found
+    text = " ".join(str(e).split())
+    what = ("--coordinator HOST:PORT" if "coordinator" in text.lower()
+            else "--num-processes N and --process-id I" if "process" in text.lower()
+            else "the cluster settings")
+    raise _distributed_error(
+        f"--distributed: no cluster detected and {what} not given ({text}); pass "
+        "--coordinator HOST:PORT --num-processes N --process-id I, or run under a TPU pod, "
+        "SLURM, Open MPI or Kubernetes job that jax detects") from None
+  except RuntimeError as e:
+    text = " ".join(str(e).split())
+    if "already" in text.lower():
+      raise _distributed_error("--distributed: jax.distributed is already initialised in this "
+                               "process") from None
+    raise _distributed_error(f"--distributed: cannot connect to the coordinator "
+                             f"{coordinator or '(auto-detected)'}: {text[:300]}") from None
+  return {"process_id": jax.process_index(), "num_processes": jax.process_count(),
+          "devices": jax.device_count(), "local_devices": jax.local_device_count()}
 
 
 def global_batch(x, mesh, axis: str | None = None) -> jax.Array:
@@ -157,6 +296,6 @@ def settle(tree):
 
 
 def put_params(tree):
-  """Parameters replicated over the active mesh (unchanged without one)."""
+  """Parameters replicated over the active mesh (unchanged without one; `replicate`)."""
   m = active_mesh()
   return tree if m is None else replicate(tree, m)

@@ -12,11 +12,17 @@
                          devices and init_from may always differ.
   --notensorboard        no TensorBoard event files (<workdir>/tb/); metrics.jsonl stays
   --noprogress           no progress bar
-  --distributed          call jax.distributed.initialize() first: on a multi-host TPU/GPU
-                         cluster, run this same command on every host (coordinator address,
-                         process count and id come from the cluster environment, e.g. TPU
-                         pods, SLURM, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-                         JAX_PROCESS_ID); every host writes to the same --workdir.
+  --distributed          run as one of several processes: jax.distributed.initialize() first.
+                         Run this same command on every process. The coordinator address,
+                         process count and id are auto-detected on TPU pods, SLURM (srun),
+                         Open MPI (mpirun) and Kubernetes jobs (JAX_COORDINATOR_ADDRESS is
+                         also read), or given explicitly:
+  --coordinator HOST:PORT --num-processes N --process-id I
+                         (each implies --distributed; process 0 listens on HOST:PORT). Every
+                         process reads the same data and uses the same --workdir (a shared
+                         file system); process 0 alone logs, holds the lock and writes
+                         metrics.jsonl and the event files. A missing value is a one-line
+                         error naming it.
   --debug                full tracebacks instead of one-line errors, and orbax's own log
                          output (silenced otherwise)
 
@@ -58,6 +64,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "work directory (checkpoints, me
 _SEED = flags.DEFINE_integer("seed", None, "override config.seed")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "show a progress bar")
 _DISTRIBUTED = flags.DEFINE_boolean("distributed", False, "jax.distributed.initialize() first")
+_COORDINATOR = flags.DEFINE_string("coordinator", None,
+                                   "with --distributed: HOST:PORT of process 0 (same everywhere)")
+_NUM_PROCESSES = flags.DEFINE_integer("num-processes", None,
+                                      "with --distributed: the number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process-id", None,
+                                   "with --distributed: this process's id, 0..N-1")
 _ALLOW_CHANGE = flags.DEFINE_boolean("allow-config-change", False,
                                      "resume although the config differs from the checkpoint's")
 _TENSORBOARD = flags.DEFINE_boolean("tensorboard", True, "write TensorBoard event files")
@@ -171,14 +183,18 @@ def _main(argv: list[str], debug: bool) -> int:
     config.seed = _SEED.value
   _preflight(config, _WORKDIR.value)
 
-  import jax
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  from grood_jax import parallel
+  if _DISTRIBUTED.value or any(v is not None for v in (_COORDINATOR.value, _NUM_PROCESSES.value,
+                                                       _PROCESS_ID.value)):
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from grood_jax.training import train
 
-  summary = train(config, _WORKDIR.value, progress=_PROGRESS.value, log=print,
+  main_process = parallel.is_main_process()    # process 0 alone prints and shows progress
+  summary = train(config, _WORKDIR.value, progress=_PROGRESS.value and main_process,
+                  log=print if main_process else None,
                   allow_config_change=_ALLOW_CHANGE.value, tensorboard=_TENSORBOARD.value)
-  print("summary: " + json.dumps(summary))
+  if main_process:
+    print("summary: " + json.dumps(summary))
   if summary["interrupted"]:
     print(f"interrupted: checkpoint saved at step {summary['step']}; rerun the same command to "
           "resume", file=sys.stderr)

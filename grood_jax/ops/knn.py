@@ -315,7 +315,8 @@ def shard_bank(bank_NxD, mesh, *, axis: str | None = None, bank_block: int | Non
   rows = n_dev * bb * n_blocks
   padded = bank_NxD if rows == n else np.concatenate(
       [bank_NxD, np.zeros((rows - n, d), np.float32)])
-  placed = jax.device_put(padded, NamedSharding(mesh, P(axis)))
+  # several processes: each places its own devices' rows (no all-process equality check)
+  placed = parallel.put_global(padded, NamedSharding(mesh, P(axis)))
   del padded
   return ShardedBank(_augment_sharded_fn(mesh, axis)(placed, n), n, d, bb, n_blocks, mesh,
                      axis, host_NxD=bank_NxD)
@@ -376,7 +377,7 @@ def sharded_knn_search(queries_QxD, bank, k: int, mesh, *, axis: str | None = No
   idx = np.empty((q_total, kc), np.int32)
   for start in range(0, q_total, qb):
     stop = min(start + qb, q_total)
-    q = jax.device_put(_pad_rows(queries_QxD[start:stop], qb), repl)
+    q = parallel.put_global(_pad_rows(queries_QxD[start:stop], qb), repl)
     qa, qsq = _augment_queries_jit(q)
     best_d, best_i = fn(qa, qsq, bank.aug_RxA)
     dists[start:stop] = np.asarray(best_d)[:stop - start]

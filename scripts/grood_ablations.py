@@ -141,8 +141,16 @@ def main(argv=None):
   ap.add_argument("--no-oe", action="store_true", help="skip the grood+oe selection")
   ap.add_argument("--select-k", type=float, nargs="+", default=None,
                   help="override the k values of the selection grids")
+  ap.add_argument("--pi-only", action="store_true",
+                  help="only redraw pi_ood.png / pi_ood.json for the first checkpoint, with the "
+                       "setting selected for it in an existing ablation.json")
   args = ap.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
+  if args.pi_only:
+    with open(os.path.join(args.out, "ablation.json")) as f:
+      chosen = json.load(f)["per_seed"][0]["selection"]["grood"]["chosen"]
+    plot_pi(args, pi_ood_data(Seed(args.ckpt[0], {}, args.cache), chosen))
+    return 0
   fh = open(os.path.join(args.out, "ablation.log"), "w")
   grid, grid_oe = dict(SELECT_GRID), dict(SELECT_GRID_OE)
   if args.select_k:
@@ -336,9 +344,10 @@ def plot_pi(args, data):
   settings = data["settings"]
   fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.8), sharey=False)
   for ax, st in zip(np.atleast_1d(axes), settings):
-    allv = np.concatenate([v for v in st["pi"].values()])
-    lo = np.log10(max(allv[allv > 0].min(), 1e-30)) if (allv > 0).any() else -30
-    bins = np.linspace(max(lo, -20), 0.05, 60)
+    allv = np.log10(np.maximum(np.concatenate([v for v in st["pi"].values()]), 1e-30))
+    lo, hi = np.quantile(allv, 0.002), np.quantile(allv, 0.998)
+    pad = max(0.02 * (hi - lo), 1e-3)
+    bins = np.linspace(lo - pad, hi + pad, 70)
     for name, v in st["pi"].items():
       lv = np.log10(np.maximum(v, 1e-30))
       ax.hist(np.clip(lv, bins[0], bins[-1]), bins=bins, histtype="step", lw=1.6,
@@ -348,7 +357,8 @@ def plot_pi(args, data):
     ax.set_title(st["label"], fontsize=11)
     ax.legend(fontsize=8, loc="upper left")
   fig.suptitle("π_ood, the softmax mass on the OOD prototype = the gradient's norm × τ "
-               "(seed 0; values below 1e-20 drawn at the left edge)", fontsize=11)
+               "(seed 0; 1/(C+1) = 0.143 is the uniform softmax; tails beyond the 0.2 / 99.8 % "
+               "quantiles drawn at the edges)", fontsize=11)
   fig.tight_layout(rect=(0, 0, 1, 0.93))
   fig.savefig(os.path.join(args.out, "pi_ood.png"), dpi=110)
   plt.close(fig)

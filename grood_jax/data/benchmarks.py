@@ -97,5 +97,3 @@ def _fashion_mnist_6v4(*, data_dir=None, seed=0, val_fraction=1 / 12) -> Benchma
 
 register_benchmark("fashion_mnist", _fashion_mnist)
 register_benchmark("fashion_mnist_6v4", _fashion_mnist_6v4)
-
-from grood_jax.data import openood  # noqa: E402,F401  (registers the OpenOOD v1.5 benchmarks)

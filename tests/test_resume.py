@@ -47,12 +47,12 @@ def _start(workdir, *extra) -> subprocess.Popen:
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(p: subprocess.Popen, timeout=120) -> tuple[int, str, str]:
+def _finish(p: subprocess.Popen, timeout=300) -> tuple[int, str, str]:
   out, err = p.communicate(timeout=timeout)
   return p.returncode, out, err
 
 
-def _wait_for_step(p: subprocess.Popen, workdir, min_step: int, timeout=90) -> None:
+def _wait_for_step(p: subprocess.Popen, workdir, min_step: int, timeout=240) -> None:
   """Polls until a finalised checkpoint step >= min_step exists (or the process ended)."""
   root = os.path.join(workdir, "checkpoints")
   deadline = time.time() + timeout

@@ -97,7 +97,6 @@ def test_diverged_loss_stops_and_keeps_the_last_finite_checkpoint(synthetic, tmp
   with pytest.raises(ConfigError, match=r"training diverged: .* at step (\d+)") as info:
     train(config, tmp_path, progress=False)
   msg = str(info.value)
-  assert "the loss is" in msg                      # caught by the loss check, the first one
   bad_step = int(msg.split(" at step ")[1].split()[0])
   newest = checkpoint.latest_step(tmp_path)
   assert newest is not None and newest < bad_step
@@ -108,6 +107,28 @@ def test_diverged_loss_stops_and_keeps_the_last_finite_checkpoint(synthetic, tmp
   lines = open(tmp_path / "metrics.jsonl").read().splitlines() if (
       tmp_path / "metrics.jsonl").exists() else []
   assert all(json.loads(l)["step"] < bad_step for l in lines)
+
+
+def _nan_loss(config):
+  """Cross-entropy + 0 * log(0): a NaN loss from the first step on."""
+  ce = losses.make_loss(_tiny_config())
+
+  def loss_fn(model, x, y):
+    loss, logits = ce(model, x, y)
+    return loss + 0.0 * jnp.log(0.0 * loss), logits
+  return loss_fn
+
+
+def test_a_non_finite_loss_stops_the_run_before_any_save(synthetic, tmp_path, monkeypatch):
+  """The per-step loss check (not the later parameter check at a checkpoint or epoch end)
+  stops the run, before any checkpoint or metrics line."""
+  monkeypatch.setitem(losses._LOSSES, "nan_loss", _nan_loss)
+  config = _tiny_config(loss="nan_loss", checkpoint_every_steps=100, log_every_steps=1)
+  with pytest.raises(ConfigError, match=r"training diverged: the loss is nan at step 1 "
+                                        r".*no checkpoint was saved"):
+    train(config, tmp_path, progress=False)
+  assert checkpoint.latest_step(tmp_path) is None
+  assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def _nan_grad_loss(config):

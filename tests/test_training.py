@@ -116,8 +116,9 @@ def test_resume_determinism_and_load_model(synthetic, tmp_path):
   assert part["step"] == 13 and checkpoint.latest_step(tmp_path / "c") == 13
   # as if killed after logging epoch 2 but before its checkpoint: the resumed run redoes
   # epoch 2 and logs it once
-  with open(tmp_path / "c" / "metrics.jsonl", "a") as f:
-    f.write('{"epoch": 2, "step": 20, "train_loss": 123.0}\n')
+  with open(tmp_path / "c" / "metrics.jsonl", "a") as f:      # the line that run would write
+    f.write(json.dumps({"epoch": 2, "step": 20, "train_loss": 123.0,
+                        "run_id": part["run_id"]}) + "\n")
   rest = train(config, tmp_path / "c", progress=False, return_model=True)
   assert rest["resumed_from"] == 13
   _assert_same(straight["model"], rest["model"])

@@ -273,8 +273,9 @@ def _train(config, workdir, mesh, stack, locked, *, progress, log, stop_at_step,
   writers.prepare_metrics(workdir, run_id, resumed_from)
   train_log = stack.enter_context(contextlib.closing(writers.TrainLog(
       workdir, run_id, purge_step=(resumed_from or 0) + 1, tensorboard=tensorboard)))
-  lrs = np.asarray(jax.device_get(
-      learning_rate_schedule(config, steps_total)(np.arange(max(1, steps_total)))))
+  # The learning rate of every step, once (one small jitted call, not one per step).
+  lrs = np.asarray(jax.jit(learning_rate_schedule(config, steps_total))(
+      np.arange(max(1, steps_total))))
 
   # Running sums of the epoch in progress, kept in the checkpoints so that a resumed epoch's
   # train_* means cover all of its steps.

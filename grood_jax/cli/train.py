@@ -158,6 +158,11 @@ def _quiet_libraries(debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   argv = resolve_config_args(sys.argv if argv is None else list(argv))
+  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+    print(f"usage: grood-train --config NAME|FILE[:variant] --workdir DIR [flags]\n{__doc__}\n"
+          f"packaged configs: {', '.join(configs.config_names())}\n\nflags:\n"
+          f"{flags.FLAGS.main_module_help() or flags.FLAGS.module_help(__name__)}")
+    return 0
   debug = "--debug" in argv
   return run_cli(lambda: _main(argv, debug), debug=debug,
                  interrupted="interrupted before training started; nothing to save")

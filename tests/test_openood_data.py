@@ -1,5 +1,6 @@
 """OpenOOD v1.5 benchmarks: OpenOOD folder layout on a tiny generated tree, tfds on mock data."""
 
+import dataclasses
 import os
 import warnings
 
@@ -75,21 +76,72 @@ def test_cifar10_from_openood_folder(cifar_root):
 def test_registry_and_options(cifar_root):
   b = load_benchmark("cifar10", data_dir=cifar_root)          # data_dir is searched
   assert len(b.id_test) == 6
-  old = openood.OPTIONS.max_per_set
-  try:
-    openood.configure(max_per_set=2, data_root=cifar_root)
-    b2 = load_benchmark("cifar10")
-    assert len(b2.id_train) == 2 and all(len(s.data) == 2 for s in b2.ood)
-    sub = b2.id_train.images
-    full = b.id_train.images
-    assert any((full == sub[0]).all(axis=(1, 2, 3)))       # a subset of the same images
-    assert np.array_equal(load_benchmark("cifar10").id_train.images, sub)   # seeded
-  finally:
-    openood.configure(max_per_set=old, data_root=None)
-  with pytest.raises(DataError, match="unknown OpenOOD data option"):
-    openood.configure(max_per_sets=3)
+  opts = openood.Options(max_per_set=2, data_root=cifar_root)
+  b2 = load_benchmark("cifar10", options=opts)
+  assert len(b2.id_train) == 2 and all(len(s.data) == 2 for s in b2.ood)
+  sub = b2.id_train.images
+  full = b.id_train.images
+  assert any((full == sub[0]).all(axis=(1, 2, 3)))       # a subset of the same images
+  assert np.array_equal(load_benchmark("cifar10", options=opts).id_train.images, sub)  # seeded
+  # options are passed in, never left behind: the next load without them is full size
+  assert len(load_benchmark("cifar10", data_dir=cifar_root).id_train) == 12
+  assert not hasattr(openood, "OPTIONS") and not hasattr(openood, "configure")
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    opts.max_per_set = 3
+  with pytest.raises(TypeError):
+    openood.Options(max_per_sets=3)
+  with pytest.raises(DataError, match="unknown data source"):
+    openood.Options(source="hf")
+  with pytest.raises(DataError, match="max_per_set must be a positive integer"):
+    openood.Options(max_per_set=0)
   with pytest.raises(DataError, match="unknown data source"):
     load_openood_benchmark("cifar10", source="hf", data_root=cifar_root)
+  # builders that take no options (the Fashion-MNIST ones, registered ones) ignore them
+  from grood_jax.data import benchmarks
+  assert benchmarks._takes_options(benchmarks.benchmark_builder("cifar10"))
+  assert not benchmarks._takes_options(benchmarks._fashion_mnist_6v4)
+
+
+def test_openood_is_registered_lazily_without_an_import_cycle():
+  """benchmarks.py names the OpenOOD benchmarks ("module:function", imported on first use)
+  without importing openood.py, which imports benchmarks.py: no import cycle, and openood.py
+  registers nothing at import time."""
+  import subprocess
+  import sys
+  code = ("import sys; from grood_jax.data import benchmarks as b; "
+          "assert {'cifar10', 'cifar100', 'imagenet200', 'imagenet1k'} <= set(b.benchmark_names()); "
+          "fn = b.benchmark_builder('cifar10'); from grood_jax.data import openood; "
+          "assert fn is openood.cifar10; "
+          "assert set(b.LAZY) == set(openood.SPECS), (sorted(b.LAZY), sorted(openood.SPECS))")
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  src = open(benchmarks_path()).read()
+  assert "import openood" not in src and "from grood_jax.data import openood" not in src
+  assert "register_benchmark" not in open(openood.__file__).read()
+
+
+def benchmarks_path():
+  from grood_jax.data import benchmarks
+  return benchmarks.__file__
+
+
+def test_allow_missing_one_warning_naming_every_dropped_set(tmp_path):
+  root = str(tmp_path / "partial")
+  _write_tree(root, {k: v for k, v in CIFAR_SETS.items()
+                     if k not in ("test_svhn", "test_mnist", "val_tin")})
+  with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    b = load_benchmark("cifar10", options=openood.Options(data_root=root, allow_missing=True))
+  msgs = [str(x.message) for x in w]
+  assert len(msgs) == 1, msgs
+  assert "mnist" in msgs[0] and "svhn" in msgs[0] and "OOD val set tin" in msgs[0]
+  assert "dropped 3" in msgs[0]
+  assert [s.name for s in b.ood] == ["cifar100", "tin", "texture", "places365"]
+  assert b.ood_val is None
+
+
+def test_tfds_size_is_gone():
+  assert not hasattr(tfds_sources, "tfds_size")
 
 
 def test_missing_list_and_image(cifar_root, tmp_path):

@@ -1,11 +1,16 @@
 """Named benchmarks: an ID dataset (train / val / test) with near and far OOD sets.
 
-A registry maps each name to a builder `fn(*, data_dir, seed, val_fraction) -> Benchmark`;
-other modules add theirs with `register_benchmark` (e.g. CIFAR when its data is present).
+A registry maps each name to a builder `fn(*, data_dir, seed, val_fraction) -> Benchmark`
+(builders that take loading options also accept `options=`, e.g. the OpenOOD ones take an
+`openood.Options`); other modules add theirs with `register_benchmark`. The OpenOOD v1.5
+benchmarks are listed here by name as "module:function" and their module is imported on first
+use, so this module imports no loader it does not need (and none imports it back in a cycle).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Callable
 
 import numpy as np
@@ -15,27 +20,60 @@ from grood_jax.data.base import Benchmark, DataError, ImageSet, OODSet
 
 BenchmarkFn = Callable[..., Benchmark]
 _REGISTRY: dict[str, BenchmarkFn] = {}
+# name -> "module:function", imported on first use
+LAZY: dict[str, str] = {
+    "cifar10": "grood_jax.data.openood:cifar10",
+    "cifar100": "grood_jax.data.openood:cifar100",
+    "imagenet200": "grood_jax.data.openood:imagenet200",
+    "imagenet1k": "grood_jax.data.openood:imagenet1k",
+}
 
 
 def register_benchmark(name: str, fn: BenchmarkFn, *, overwrite: bool = False) -> None:
   """Make `load_benchmark(name)` call `fn(data_dir=..., seed=..., val_fraction=...)`."""
-  if name in _REGISTRY and not overwrite:
+  if (name in _REGISTRY or name in LAZY) and not overwrite:
     raise DataError(f"benchmark {name!r} is already registered; pass overwrite=True to replace")
+  LAZY.pop(name, None)
   _REGISTRY[name] = fn
 
 
 def benchmark_names() -> list[str]:
-  return sorted(_REGISTRY)
+  return sorted(set(_REGISTRY) | set(LAZY))
 
 
-def load_benchmark(name: str, *, data_dir=None, seed: int = 0,
-                   val_fraction: float = 1 / 12) -> Benchmark:
-  """Build the named benchmark. `seed` fixes the ID validation split and the generated sets."""
+def benchmark_builder(name: str) -> BenchmarkFn:
+  """The builder of benchmark `name`, importing its module on first use."""
+  if name not in _REGISTRY and name in LAZY:
+    module, _, attr = LAZY[name].partition(":")
+    _REGISTRY[name] = getattr(importlib.import_module(module), attr)
   if name not in _REGISTRY:
     raise DataError(f"unknown benchmark {name!r}; choose from {benchmark_names()}")
+  return _REGISTRY[name]
+
+
+def _takes_options(fn) -> bool:
+  try:
+    params = inspect.signature(fn).parameters.values()
+  except (TypeError, ValueError):
+    return False
+  return any(p.name == "options" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def load_benchmark(name: str, *, data_dir=None, seed: int = 0, val_fraction: float = 1 / 12,
+                   options=None) -> Benchmark:
+  """Build the named benchmark. `seed` fixes the ID validation split and the generated sets.
+
+  `options`: loading options for builders that take them (for the OpenOOD benchmarks an
+  `openood.Options`: source, data_root, max_per_set, allow_missing, ...); builders that take
+  none ignore them.
+  """
+  fn = benchmark_builder(name)
   if not 0.0 < val_fraction < 1.0:
     raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-  return _REGISTRY[name](data_dir=data_dir, seed=seed, val_fraction=val_fraction)
+  kwargs = dict(data_dir=data_dir, seed=seed, val_fraction=val_fraction)
+  if options is not None and _takes_options(fn):
+    kwargs["options"] = options
+  return fn(**kwargs)
 
 
 def split_train_val(data: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:

@@ -29,8 +29,8 @@ CIFAR-10/100, MNIST, SVHN, DTD, Places365-small, ImageNet-2012) and the others (
 NINCO, iNaturalist, OpenImage-O; all of ImageNet-200) from the OpenOOD folder when one is
 found. tfds splits approximate OpenOOD's lists (the ID val split is carved from train, MNIST
 is its test split, Places365 its full validation split without OpenOOD's filtering), so tfds
-numbers are not leaderboard numbers. `allow_missing=True` drops absent OOD sets with a warning
-instead of failing.
+numbers are not leaderboard numbers. `allow_missing=True` drops absent OOD sets (and the OOD
+val set) with one warning naming them, instead of failing.
 
 Preprocessing is OpenOOD's test transform, applied once when loading: RGB, resize the shorter
 side (PIL bilinear, as torchvision does on PIL images) to 32 (CIFAR) or 256 (ImageNet), centre
@@ -40,12 +40,16 @@ benchmark's mean/std at feature-extraction time.
 Memory: sets are decoded into uint8 arrays (the `ImageSet` container), 3 KiB per CIFAR
 image and 147 KiB per ImageNet image: CIFAR-10 in full ≈ 0.5 GB; ImageNet-1K test (45k) ≈
 6.6 GB, its train list (1.28M) ≈ 190 GB. Use `max_train` / `max_per_set` (seeded random
-subsets chosen before any decoding) for ImageNet-scale runs, e.g. `configure(max_train=50_000,
+subsets chosen before any decoding) for ImageNet-scale runs, e.g. `Options(max_train=50_000,
 max_per_set=10_000)`. Decoding runs in a thread pool.
 
-Command lines set the options with `configure(...)` (the registry passes only data_dir, seed
-and val_fraction); a benchmark's `data_dir` is also searched for the OpenOOD folder (itself,
-or its `openood/` sub-folder; likewise $GROOD_DATA_DIR and the grood_jax cache).
+Loading options travel as a frozen `Options` value, never a module-wide setting:
+
+  load_benchmark("cifar10", options=openood.Options(source="tfds", max_per_set=2000))
+
+(score.py builds one from --data, --data-root, --max-per-set and --allow-missing); a
+benchmark's `data_dir` is also searched for the OpenOOD folder (itself, or its `openood/`
+sub-folder; likewise $GROOD_DATA_DIR and the grood_jax cache).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ from PIL import Image
 
 from grood_jax.data import tfds_sources
 from grood_jax.data.base import Benchmark, DataError, ImageSet, OODSet
-from grood_jax.data.benchmarks import register_benchmark, split_train_val
+from grood_jax.data.benchmarks import split_train_val
 from grood_jax.data.paths import data_roots
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -105,38 +109,32 @@ SPECS = {
 }
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Options:
-  """Module-wide loading options (command lines set them with `configure`)."""
+  """How the OpenOOD benchmarks are loaded (passed in: `load_benchmark(name, options=...)`).
+  Checked when made: an unknown source or a cap below 1 is a DataError."""
   source: str = "openood"          # "openood" | "tfds"
   data_root: str | None = None     # OpenOOD's data folder; None: searched (module docstring)
   tfds_data_dir: str | None = None
   max_per_set: int | None = None   # cap on every set (seeded random subset)
   max_train: int | None = None     # cap on the ID training set
-  allow_missing: bool = False      # drop absent OOD / OOD-val sets with a warning
+  allow_missing: bool = False      # drop absent OOD / OOD-val sets with one warning
   workers: int = 8                 # decoding threads
 
-
-OPTIONS = Options()
-
-
-def configure(**kwargs) -> Options:
-  """Sets module-wide options, e.g. configure(source="tfds", max_per_set=2000)."""
-  fields = {f.name for f in dataclasses.fields(Options)}
-  for k, v in kwargs.items():
-    if k not in fields:
-      raise DataError(f"unknown OpenOOD data option {k!r}; choose from {sorted(fields)}")
-    setattr(OPTIONS, k, v)
-  _check_options(OPTIONS.source, OPTIONS.max_per_set, OPTIONS.max_train)
-  return OPTIONS
+  def __post_init__(self):
+    _check_options(self.source, self.max_per_set, self.max_train)
+    if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+      raise DataError(f"workers must be a positive integer, got {self.workers!r}")
 
 
 def _check_options(source, max_per_set, max_train):
   if source not in SOURCES:
     raise DataError(f"unknown data source {source!r}; choose one of {SOURCES}")
   for name, v in (("max_per_set", max_per_set), ("max_train", max_train)):
-    if v is not None and int(v) <= 0:
-      raise DataError(f"{name} must be positive, got {v}")
+    if v is None:
+      continue
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+      raise DataError(f"{name} must be a positive integer, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -356,13 +354,15 @@ def load_openood_benchmark(name: str, *, source: str = "openood", data_root=None
                    seed=seed, workers=workers)
   id_train, id_val, id_test = loader.id_sets(val_fraction)
 
+  dropped: list[tuple[str, str]] = []
+
   def optional(fn, what):
     try:
       return fn()
     except DataError as e:
       if not allow_missing:
         raise
-      warnings.warn(f"{name}: dropping {what}: {e}", stacklevel=3)
+      dropped.append((what, str(e)))
       return None
 
   ood = []
@@ -372,13 +372,18 @@ def load_openood_benchmark(name: str, *, source: str = "openood", data_root=None
       if data is not None:
         ood.append(OODSet(s, group, data))
   if not ood:
-    raise DataError(f"{name}: none of its OOD sets could be loaded")
+    raise DataError(f"{name}: none of its OOD sets could be loaded"
+                    + (f" (first: {dropped[0][1]})" if dropped else ""))
   ood_val = optional(functools.partial(loader._openood, "val", spec.ood_val,
                                        name=f"{spec.ood_val}_val", labels=False,
                                        cap=loader._cap(None),
                                        images_dir="images_classic"
                                        if spec.ood_val in spec.classic_sets else None),
                      f"OOD val set {spec.ood_val}")
+  if dropped:
+    warnings.warn(f"{name}: --allow-missing dropped {len(dropped)} absent set(s): "
+                  f"{', '.join(w for w, _ in dropped)} (first reason: {dropped[0][1]})",
+                  stacklevel=2)
   class_names = (list(CIFAR10_CLASSES) if name == "cifar10"
                  else [str(i) for i in range(spec.num_classes)])
   noise = ImageSet("noise", _noise_images(NOISE_SIZE, spec.size, seed))
@@ -388,8 +393,13 @@ def load_openood_benchmark(name: str, *, source: str = "openood", data_root=None
                    noise=noise)
 
 
-def _registered(name: str, *, data_dir=None, seed: int = 0, val_fraction: float = 1 / 12):
-  o = OPTIONS
+def _build(name: str, *, data_dir=None, seed: int = 0, val_fraction: float = 1 / 12,
+           options: Options | None = None) -> Benchmark:
+  """The registry's builder (`load_benchmark(name, options=...)`)."""
+  o = options if options is not None else Options()
+  if not isinstance(o, Options):
+    raise DataError(f"options for the OpenOOD benchmarks must be openood.Options, got "
+                    f"{type(o).__name__}")
   return load_openood_benchmark(name, source=o.source, data_root=o.data_root, data_dir=data_dir,
                                 tfds_data_dir=o.tfds_data_dir, seed=seed,
                                 val_fraction=val_fraction, max_per_set=o.max_per_set,
@@ -397,5 +407,8 @@ def _registered(name: str, *, data_dir=None, seed: int = 0, val_fraction: float 
                                 workers=o.workers)
 
 
-for _name in SPECS:
-  register_benchmark(_name, functools.partial(_registered, _name))
+# the builders benchmarks.LAZY names ("grood_jax.data.openood:cifar10", ...)
+cifar10 = functools.partial(_build, "cifar10")
+cifar100 = functools.partial(_build, "cifar100")
+imagenet200 = functools.partial(_build, "imagenet200")
+imagenet1k = functools.partial(_build, "imagenet1k")

@@ -62,10 +62,6 @@ def _read(src, ids: list[int]) -> list:
   return [src[i] for i in ids]
 
 
-def tfds_size(dataset: str, split: str, data_dir=None) -> int:
-  return len(_source(dataset, split, data_dir))
-
-
 def load_tfds(dataset: str, splits: Sequence[str], *, name: str,
               preprocess: Callable[[np.ndarray], np.ndarray], max_n: int | None = None,
               seed: int = 0, labels: bool = True, data_dir=None,

@@ -1,17 +1,19 @@
-"""Benchmark reports: tables (terminal, Markdown, HTML), CSV, JSON and plots.
+"""Benchmark reports: rendering only — tables (terminal, Markdown, HTML), CSV, JSON, plots,
+scores.npz — and the report directory written whole. The numbers come from grood_jax.stats.
 
 A results dict has this schema (all metrics are fractions in [0, 1]):
 
-  {"benchmark": str, "checkpoint": str | list[str], "classifier_accuracy": float,
+  {"schema_version": int,
+   "benchmark": str, "checkpoint": str | list[str], "classifier_accuracy": float,
    "detectors": {NAME: {"params": {...}, "accuracy": float,
                         "ood": {SET: {"group": "near" | "far", "auroc", "aupr_in", "aupr_out",
                                       "fpr95", "fpr95_openood"}},
                         "near": {five metrics, unweighted means over the near sets},
                         "far": {same over the far sets}}},
    "selection": {NAME: {"chosen": {...}, "grid": [{"params": {...}, "auroc": float}, ...]}},
-   "timing": {...}, "meta": {...}}        # the last three optional
+   "meta": {...}}        # selection and meta optional
 
-When several checkpoints were scored (`aggregate_runs`), every metric dict also carries
+When several checkpoints were scored (`stats.aggregate_runs`), every metric dict also carries
 "std": {metric: value} beside the means, and the detector / top level carry `accuracy_std` /
 `classifier_accuracy_std`.
 
@@ -19,159 +21,42 @@ FPR@95 conventions, named everywhere: "FPR95" is the classic one (fraction of OO
 95 % of ID is accepted); "FPR95-OO" is OpenOOD v1.5's (fraction of ID rejected when 95 % of OOD
 is caught). See grood_jax.metrics.
 
-Every file is written atomically (temporary file in the same directory, then os.replace), so a
-crash mid-way leaves the previous version of each file intact.
+`write_report` writes every file into a temporary directory beside the report directory and
+swaps it in whole (an atomic exchange of the two directories where the system has one), so a
+crash or SIGKILL mid-way leaves the previous report complete, never a mix of two runs.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
 import csv
+import ctypes
+import errno
 import html
 import io
 import json
 import math
 import os
 import re
-from typing import Callable, Iterable, Mapping, Sequence
+import shutil
+import sys
+import tempfile
+from typing import Iterable, Mapping
 
 import numpy as np
 
-from grood_jax.fileio import atomic_write, atomic_write_text
-
 from grood_jax import metrics as _metrics
+from grood_jax.errors import OutputError
+from grood_jax.fileio import atomic_write, atomic_write_text
+from grood_jax.stats import GROUPS, METRICS, group_means, is_number
 
-METRICS = _metrics.METRIC_NAMES
-GROUPS = ("near", "far")
+SCHEMA_VERSION = 1          # of results.json (and scores.npz); raised when a field changes
 FPR_LEGEND = ("FPR95 = classic FPR@95 (fraction of OOD accepted when 95% of ID is accepted); "
               "FPR95-OO = OpenOOD v1.5 FPR@95 (fraction of ID rejected when 95% of OOD is caught)")
+AUPR_LEGEND = ("AUPR-In: area under precision-recall with ID as the positive class; "
+               "AUPR-Out: with OOD as the positive class (scores negated)")
 _HEADER_NAMES = {"auroc": "AUROC", "aupr_in": "AUPR-In", "aupr_out": "AUPR-Out",
                  "fpr95": "FPR95", "fpr95_openood": "FPR95-OO"}
-
-
-# --------------------------------------------------------------------------- aggregation
-
-
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
-def group_means(per_set: Mapping[str, Mapping]) -> dict[str, dict[str, float]]:
-  """Unweighted means of the metrics over the OOD sets of each group.
-
-  `per_set` is {SET: {"group": "near" | "far", metric: value, ...}}. Returns
-  {"near": {metric: mean}, "far": {...}}; a group with no sets is omitted. Only the metrics of
-  METRICS present in every set of the group are averaged; per-set "std" entries are ignored.
-  """
-  out = {}
-  for group in GROUPS:
-    sets = [m for m in per_set.values() if m.get("group") == group]
-    if not sets:
-      continue
-    keys = [k for k in METRICS if all(k in m for m in sets)]
-    out[group] = {k: float(np.mean([float(m[k]) for m in sets])) for k in keys}
-  return out
-
-
-def _std(values: Sequence[float]) -> float:
-  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def _aggregate_metric_dicts(dicts: Sequence[Mapping], where: str) -> dict:
-  """Means of the numeric entries of several metric dicts, plus "std": {key: std}."""
-  out, std = {}, {}
-  for key, value in dicts[0].items():
-    if key == "std":
-      continue
-    if _is_number(value):
-      missing = [i for i, d in enumerate(dicts) if not _is_number(d.get(key))]
-      if missing:
-        raise ValueError(f"{where}: metric {key!r} missing in run(s) {missing}")
-      values = [float(d[key]) for d in dicts]
-      out[key] = float(np.mean(values))
-      std[key] = _std(values)
-    else:
-      for i, d in enumerate(dicts):
-        if d.get(key) != value:
-          raise ValueError(f"{where}: {key!r} differs between run 0 ({value!r}) and run {i} "
-                           f"({d.get(key)!r})")
-      out[key] = copy.deepcopy(value)
-  out["std"] = std
-  return out
-
-
-def aggregate_runs(runs: Sequence[Mapping]) -> dict:
-  """Mean and standard deviation of several results dicts (one per checkpoint).
-
-  Every numeric metric (classifier accuracy, detector accuracy, each per-set metric and each
-  near / far mean) becomes the mean over runs, with its standard deviation beside it: the sample
-  std (ddof=1) when there are several runs, 0.0 for a single run. Near / far entries are the
-  mean over runs of each run's group means (equal to the group means of the per-set means) and
-  their std is the spread of the per-run group means across checkpoints.
-
-  The runs must share the benchmark, the detectors and each detector's OOD sets and groups.
-  "checkpoint" becomes the list of the runs' checkpoints. A detector's "params" and the
-  "selection" are taken from the first run; when they differ between runs, the per-run values
-  are kept under "params_per_run" / "selection_per_run". "timing" and "meta" become per-run
-  lists "timing_per_run" / "meta_per_run". The result also carries "n_runs".
-  """
-  runs = list(runs)
-  if not runs:
-    raise ValueError("aggregate_runs needs at least one results dict")
-  first = runs[0]
-  for i, r in enumerate(runs):
-    if r.get("benchmark") != first.get("benchmark"):
-      raise ValueError(f"run {i} is benchmark {r.get('benchmark')!r}, run 0 is "
-                       f"{first.get('benchmark')!r}")
-    if set(r["detectors"]) != set(first["detectors"]):
-      raise ValueError(f"run {i} has detectors {sorted(r['detectors'])}, run 0 has "
-                       f"{sorted(first['detectors'])}")
-
-  checkpoints = []
-  for r in runs:
-    c = r.get("checkpoint")
-    checkpoints.extend(c if isinstance(c, (list, tuple)) else [c])
-  out = {"benchmark": first.get("benchmark"), "checkpoint": checkpoints, "n_runs": len(runs)}
-  if all(_is_number(r.get("classifier_accuracy")) for r in runs):
-    accs = [float(r["classifier_accuracy"]) for r in runs]
-    out["classifier_accuracy"] = float(np.mean(accs))
-    out["classifier_accuracy_std"] = _std(accs)
-
-  detectors = {}
-  for name, det0 in first["detectors"].items():
-    dets = [r["detectors"][name] for r in runs]
-    agg = {"params": copy.deepcopy(det0.get("params", {}))}
-    if any(d.get("params", {}) != det0.get("params", {}) for d in dets):
-      agg["params_per_run"] = [copy.deepcopy(d.get("params", {})) for d in dets]
-    if all(_is_number(d.get("accuracy")) for d in dets):
-      accs = [float(d["accuracy"]) for d in dets]
-      agg["accuracy"] = float(np.mean(accs))
-      agg["accuracy_std"] = _std(accs)
-    agg["ood"] = {}
-    for set_name in det0.get("ood", {}):
-      per_run = []
-      for i, d in enumerate(dets):
-        if set_name not in d.get("ood", {}):
-          raise ValueError(f"detector {name!r}: OOD set {set_name!r} missing in run {i}")
-        per_run.append(d["ood"][set_name])
-      agg["ood"][set_name] = _aggregate_metric_dicts(per_run, f"{name}/{set_name}")
-    for group in GROUPS:
-      per_run = [d[group] if group in d else group_means(d.get("ood", {})).get(group)
-                 for d in dets]
-      if all(g is not None for g in per_run):
-        agg[group] = _aggregate_metric_dicts(per_run, f"{name}/{group}")
-    detectors[name] = agg
-  out["detectors"] = detectors
-
-  if "selection" in first:
-    out["selection"] = copy.deepcopy(first["selection"])
-    if any(r.get("selection") != first["selection"] for r in runs):
-      out["selection_per_run"] = [copy.deepcopy(r.get("selection")) for r in runs]
-  for key in ("timing", "meta"):
-    if any(key in r for r in runs):
-      out[f"{key}_per_run"] = [copy.deepcopy(r.get(key)) for r in runs]
-  return out
 
 
 # --------------------------------------------------------------------------- tables
@@ -227,18 +112,14 @@ def _checkpoint_text(results: Mapping) -> str:
 
 
 def _summary_rows(results: Mapping, openood: bool) -> tuple[list[str], list[list[str]]]:
-  header = ["Detector", "Near AUROC", "Far AUROC", "Near FPR95", "Far FPR95"]
-  if openood:
-    header += ["Near FPR95-OO", "Far FPR95-OO"]
+  keys = ["auroc", "aupr_in", "aupr_out", "fpr95"] + (["fpr95_openood"] if openood else [])
+  header = ["Detector"] + [f"{g.capitalize()} {_HEADER_NAMES[k]}" for k in keys for g in GROUPS]
   header += ["Accuracy"]
   rows = []
   for name in sorted_detectors(results):
     det = results["detectors"][name]
     g = _groups_of(det)
-    row = [name, _cell(g.get("near"), "auroc"), _cell(g.get("far"), "auroc"),
-           _cell(g.get("near"), "fpr95"), _cell(g.get("far"), "fpr95")]
-    if openood:
-      row += [_cell(g.get("near"), "fpr95_openood"), _cell(g.get("far"), "fpr95_openood")]
+    row = [name] + [_cell(g.get(group), k) for k in keys for group in GROUPS]
     acc = det.get("accuracy")
     row += [_pct(acc, det.get("accuracy_std")) if acc is not None else "-"]
     rows.append(row)
@@ -256,9 +137,8 @@ def _ordered_sets(results: Mapping) -> list[tuple[str, str]]:
 
 
 def _per_set_rows(results: Mapping, openood: bool) -> tuple[list[str], list[list[str]]]:
-  header = ["Set", "Group", "Detector", "AUROC", "FPR95"]
-  if openood:
-    header += ["FPR95-OO"]
+  keys = ["auroc", "aupr_in", "aupr_out", "fpr95"] + (["fpr95_openood"] if openood else [])
+  header = ["Set", "Group", "Detector"] + [_HEADER_NAMES[k] for k in keys]
   order = sorted_detectors(results)
   rows = []
   for set_name, group in _ordered_sets(results):
@@ -266,10 +146,7 @@ def _per_set_rows(results: Mapping, openood: bool) -> tuple[list[str], list[list
       m = results["detectors"][name].get("ood", {}).get(set_name)
       if m is None:
         continue
-      row = [set_name, group, name, _cell(m, "auroc"), _cell(m, "fpr95")]
-      if openood:
-        row += [_cell(m, "fpr95_openood")]
-      rows.append(row)
+      rows.append([set_name, group, name] + [_cell(m, k) for k in keys])
   return header, rows
 
 
@@ -290,9 +167,45 @@ def _selection_rows(results: Mapping) -> tuple[list[str], list[list[str]]]:
   rows = []
   for name, sel in results.get("selection", {}).items():
     grid = sel.get("grid", []) or []
-    aurocs = [g["auroc"] for g in grid if _is_number(g.get("auroc"))]
+    aurocs = [g["auroc"] for g in grid if is_number(g.get("auroc"))]
     best = _pct(max(aurocs)) if aurocs else "-"
     rows.append([name, _params_text(sel.get("chosen", {})), str(len(grid)), best])
+  return header, rows
+
+
+def _grid_rows(sel: Mapping) -> tuple[list[str], list[list[str]], int | None]:
+  """One row per grid point: the parameters that vary over the grid, its val AUROC; and the
+  index of the chosen point (None when it is not in the grid)."""
+  grid = sel.get("grid", []) or []
+  keys: list[str] = []
+  for g in grid:
+    for k, v in (g.get("params") or {}).items():
+      if k not in keys and any((h.get("params") or {}).get(k) != v for h in grid):
+        keys.append(k)
+  if not keys and grid:
+    keys = list((grid[0].get("params") or {}))
+  header = keys + ["Val AUROC"]
+  rows, chosen_at = [], None
+  chosen = sel.get("chosen") or {}
+  for i, g in enumerate(grid):
+    p = g.get("params") or {}
+    rows.append([_params_value(p.get(k, "-")) for k in keys]
+                + [_pct(g["auroc"]) if is_number(g.get("auroc")) else "-"])
+    if chosen_at is None and all(chosen.get(k) == v for k, v in p.items()):
+      chosen_at = i
+  return header, rows, chosen_at
+
+
+def _param_rows(results: Mapping) -> tuple[list[str], list[list[str]]]:
+  """Each detector's parameters as used (defaults, --param overrides or the selected point)."""
+  header = ["Detector", "Parameters", "Chosen by"]
+  rows = []
+  for name in sorted_detectors(results):
+    det = results["detectors"][name]
+    base = name.split("[", 1)[0]
+    how = ("--select" if name in results.get("selection", {}) else
+           "defaults / --param" if base == name else "authors' default")
+    rows.append([name, _params_text(det.get("params", {})), how])
   return header, rows
 
 
@@ -327,8 +240,9 @@ def _classifier_line(results: Mapping) -> str | None:
 def format_table(results: Mapping, openood_fpr: bool = False) -> str:
   """Terminal tables: the summary (sorted by near-OOD AUROC, descending) and the per-set table.
 
-  Values in %, 2 decimals, "± s" when a std is present. The classic FPR@95 is shown as "FPR95";
-  pass openood_fpr=True to add OpenOOD's convention ("FPR95-OO") as extra columns.
+  Values in %, 2 decimals, "± s" when a std is present; AUROC, AUPR-In, AUPR-Out and the
+  classic FPR@95 ("FPR95") per group (summary) and per set.
+  Pass openood_fpr=True to add OpenOOD's convention ("FPR95-OO") as extra columns.
   """
   lines = [f"Benchmark: {results.get('benchmark', '?')}",
            f"Checkpoint: {_checkpoint_text(results)}"]
@@ -336,7 +250,8 @@ def format_table(results: Mapping, openood_fpr: bool = False) -> str:
   if cl:
     lines.append(cl)
   lines += ["", _text_table(*_summary_rows(results, openood_fpr)), "",
-            "Per OOD set:", _text_table(*_per_set_rows(results, openood_fpr)), "", FPR_LEGEND]
+            "Per OOD set:", _text_table(*_per_set_rows(results, openood_fpr)), "", FPR_LEGEND,
+            AUPR_LEGEND]
   return "\n".join(lines) + "\n"
 
 
@@ -354,18 +269,28 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def to_markdown(results: Mapping) -> str:
-  """The same tables in Markdown, with both FPR@95 conventions as columns."""
+  """The same tables in Markdown (both FPR@95 conventions), the detectors' parameters and, for
+  --select, every grid point's validation AUROC."""
   parts = [f"# {_md_escape(_title(results))}", ""]
   cl = _classifier_line(results)
   if cl:
     parts += [cl, ""]
   parts += ["## Summary (sorted by near-OOD AUROC, %)", "",
             _md_table(*_summary_rows(results, True)), "",
-            "## Per OOD set (%)", "", _md_table(*_per_set_rows(results, True)), ""]
+            "## Per OOD set (%)", "", _md_table(*_per_set_rows(results, True)), "",
+            "## Detector parameters", "", _md_table(*_param_rows(results)), ""]
   if results.get("selection"):
     parts += ["## Hyper-parameter selection (ID val vs OOD val)", "",
               _md_table(*_selection_rows(results)), ""]
-  parts += [f"*{_md_escape(FPR_LEGEND)}*", ""]
+    for name, sel in results["selection"].items():
+      header, rows, at = _grid_rows(sel)
+      if not rows:
+        continue
+      if at is not None:
+        rows[at] = [f"**{c}**" for c in rows[at]]
+      parts += [f"### {_md_escape(name)}: grid ({len(rows)} points, chosen in bold)", "",
+                _md_table(header, rows), ""]
+  parts += [f"*{_md_escape(FPR_LEGEND)}*", "", f"*{_md_escape(AUPR_LEGEND)}*", ""]
   return "\n".join(parts)
 
 
@@ -411,12 +336,12 @@ def csv_rows(results: Mapping) -> list[dict]:
   def add(detector, set_name, group, metric, value, std):
     rows.append({"detector": detector, "set": set_name, "group": group, "metric": metric,
                  "value": float(value), "std": None if std is None else float(std)})
-  if _is_number(results.get("classifier_accuracy")):
+  if is_number(results.get("classifier_accuracy")):
     add("", "", "", "classifier_accuracy", results["classifier_accuracy"],
         results.get("classifier_accuracy_std"))
   for name in sorted_detectors(results):
     det = results["detectors"][name]
-    if _is_number(det.get("accuracy")):
+    if is_number(det.get("accuracy")):
       add(name, "", "", "accuracy", det["accuracy"], det.get("accuracy_std"))
     for set_name, m in det.get("ood", {}).items():
       for k in METRICS:
@@ -455,12 +380,21 @@ def _save_png(fig, path) -> str:
   return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
+def _line_styles(n: int) -> list[dict]:
+  """n distinguishable (colour, dash) pairs: tab10 colours, then the same with other dashes."""
+  from matplotlib import colormaps
+  colours = colormaps["tab10"].colors
+  dashes = ["-", "--", ":", "-."]
+  return [{"color": colours[i % 10], "ls": dashes[(i // 10) % 4]} for i in range(n)]
+
+
 def plot_roc(curves: Mapping[str, Mapping[str, np.ndarray]], path,
              title: str | None = None) -> str:
   """ROC curves, one panel per OOD set, one line per detector (ID is the positive class).
 
-  `curves` is {detector: {"id": scores, SET: scores, ...}}; pass the detectors to show (e.g.
-  the top 3). The legend gives each detector's AUROC on that set.
+  `curves` is {detector: {"id": scores, SET: scores, ...}}; every detector given is drawn
+  (in the given order, which also orders the legends). Each panel's legend gives every
+  detector's AUROC on that set.
   """
   sets = []
   for scores in curves.values():
@@ -470,22 +404,25 @@ def plot_roc(curves: Mapping[str, Mapping[str, np.ndarray]], path,
   n = max(1, len(sets))
   cols = min(n, 3)
   rows = -(-n // cols)
-  fig = _new_figure((4.0 * cols, 3.6 * rows))
+  legend_h = 0.16 * len(curves)                  # room for one legend line per detector
+  fig = _new_figure((4.4 * cols, max(3.8, 2.6 + legend_h) * rows))
   axes = fig.subplots(rows, cols, squeeze=False).ravel()
+  styles = dict(zip(curves, _line_styles(len(curves))))
   for ax, set_name in zip(axes, sets):
     for det, scores in curves.items():
       if set_name not in scores:
         continue
       fpr, tpr, _ = _metrics.roc_curve(scores["id"], scores[set_name])
       auc = _metrics.auroc(scores["id"], scores[set_name])
-      ax.plot(fpr, tpr, lw=1.4, label=f"{det} ({100 * auc:.1f})")
+      ax.plot(fpr, tpr, lw=1.3, label=f"{det} ({100 * auc:.1f})", **styles[det])
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
     ax.set_title(str(set_name))
     ax.set_xlabel("FPR (OOD accepted)")
     ax.set_ylabel("TPR (ID accepted)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
-    ax.legend(fontsize=7, loc="lower right", title="AUROC %", title_fontsize=7)
+    ax.legend(fontsize=6.5 if len(curves) > 6 else 7.5, loc="lower right", title="AUROC %",
+              title_fontsize=7, framealpha=0.85)
   for ax in axes[len(sets):]:
     ax.set_axis_off()
   if title:
@@ -493,39 +430,109 @@ def plot_roc(curves: Mapping[str, Mapping[str, np.ndarray]], path,
   return _save_png(fig, path)
 
 
+def histogram_scale(arrays: Iterable[np.ndarray]) -> tuple[str, float | None]:
+  """The x scale that shows these score distributions: ("linear", None), ("symlog", linthresh)
+  or ("rank", None).
+
+  Linear unless one set's middle half (its interquartile range) spans under 3 % of the pooled
+  0.5-99.5 percentile range (it would be a spike). Then symlog when the pooled scores keep one
+  sign and their magnitudes span more than two decades (GROOD's -(squared distance) in about
+  [-0.035, 0]; linthresh = the pooled 2nd percentile of |score|), else ranks (each score's
+  pooled percentile, 0-100).
+  """
+  arrays = [a[np.isfinite(a)] for a in (np.asarray(x, np.float64).ravel() for x in arrays)]
+  arrays = [a for a in arrays if a.size]
+  if not arrays:
+    return "linear", None
+  pooled = np.concatenate(arrays)
+  lo, hi = np.percentile(pooled, [0.5, 99.5])
+  span = hi - lo
+  if not span > 0:
+    return "linear", None
+  squashed = any(np.subtract(*np.percentile(a, [75, 25])) < 0.03 * span
+                 for a in arrays if a.size >= 8)
+  if not squashed:
+    return "linear", None
+  mag = np.abs(pooled)
+  one_sign = (pooled <= 0).all() or (pooled >= 0).all()
+  nonzero = mag[mag > 0]
+  if one_sign and nonzero.size:
+    small, large = np.percentile(nonzero, [2, 99.5])
+    if small > 0 and large / small > 100:
+      return "symlog", float(small)
+  return "rank", None
+
+
+def _symlog(x, c):
+  return np.sign(x) * np.log1p(np.abs(x) / c)
+
+
+def _symlog_inv(y, c):
+  return np.sign(y) * c * np.expm1(np.abs(y))
+
+
 def plot_histograms(scores_by_set: Mapping[str, np.ndarray], path, title: str = "",
-                    bins: int = 60) -> str:
+                    bins: int = 60, scale: str | None = None) -> str:
   """Score histograms (density, shared bins) of ID ("id") and each OOD set, for one detector.
 
   Non-finite scores are left out; the bins span the pooled 0.5-99.5 percentiles, with scores
-  outside clipped into the edge bins.
+  outside clipped into the edge bins. `scale` ("linear", "symlog", "rank"; default:
+  `histogram_scale`) is named on the x axis.
   """
   arrays = {k: np.asarray(v, np.float64).ravel() for k, v in scores_by_set.items()}
-  finite = [a[np.isfinite(a)] for a in arrays.values()]
-  finite = np.concatenate(finite) if finite else np.zeros(0)
+  arrays = {k: a[np.isfinite(a)] for k, a in arrays.items()}
+  linthresh = None
+  if scale is None:
+    scale, linthresh = histogram_scale(arrays.values())
+  pooled = np.concatenate(list(arrays.values())) if arrays else np.zeros(0)
+  if scale == "symlog" and linthresh is None:
+    nz = np.abs(pooled[pooled != 0])
+    linthresh = float(np.percentile(nz, 2)) if nz.size else 1.0
+  if scale == "rank":
+    ref = np.sort(pooled)
+    def to_rank(a):
+      return 100.0 * (np.searchsorted(ref, a, "left") + np.searchsorted(ref, a, "right")) / (
+          2.0 * max(len(ref), 1))
+    arrays = {k: to_rank(a) for k, a in arrays.items()}
+    pooled = to_rank(pooled)
   # Range from the pooled 0.5 / 99.5 percentiles so a few outliers do not squash the plot;
   # scores beyond it are clipped into the edge bins.
-  lo, hi = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 0.0)
+  lo, hi = np.percentile(pooled, [0.5, 99.5]) if pooled.size else (0.0, 0.0)
+  if scale == "rank":
+    lo, hi = 0.0, 100.0
   if not hi > lo:
-    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    lo, hi = (pooled.min(), pooled.max()) if pooled.size else (0.0, 0.0)
   if not hi > lo:
     lo, hi = lo - 0.5, hi + 0.5
-  edges = np.linspace(lo, hi, bins + 1)
+  if scale == "symlog":
+    edges = _symlog_inv(np.linspace(_symlog(lo, linthresh), _symlog(hi, linthresh), bins + 1),
+                        linthresh)
+  else:
+    edges = np.linspace(lo, hi, bins + 1)
   fig = _new_figure((7.0, 4.0))
   ax = fig.subplots()
   order = (["id"] if "id" in arrays else []) + [k for k in arrays if k != "id"]
-  for k in order:
-    a = arrays[k]
-    a = np.clip(a[np.isfinite(a)], lo, hi)
+  styles = _line_styles(len(order))
+  for i, k in enumerate(order):
+    a = np.clip(arrays[k], lo, hi)
     if a.size == 0:
       continue
     is_id = k == "id"
-    ax.hist(a, bins=edges, density=True, histtype="stepfilled" if is_id else "step",
+    # density over the bin widths; with symlog bins, counts per bin would be as readable, but a
+    # density keeps sets of different sizes comparable: use the fraction of the set per bin
+    weights = np.full(a.size, 1.0 / a.size)
+    ax.hist(a, bins=edges, weights=weights, histtype="stepfilled" if is_id else "step",
             alpha=0.35 if is_id else 1.0, lw=1.0 if is_id else 1.4,
-            color="0.3" if is_id else None, label=f"ID (n={a.size})" if is_id else
-            f"{k} (n={a.size})")
-  ax.set_xlabel("score (higher = more in-distribution)")
-  ax.set_ylabel("density")
+            color="0.3" if is_id else styles[i]["color"],
+            label=f"ID (n={a.size})" if is_id else f"{k} (n={a.size})")
+  if scale == "symlog":
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlabel(f"score, symlog axis (linear within ±{linthresh:.2g}; higher = more ID)")
+  elif scale == "rank":
+    ax.set_xlabel("score rank: percentile among all plotted scores (higher = more ID)")
+  else:
+    ax.set_xlabel("score, linear axis (higher = more in-distribution)")
+  ax.set_ylabel("fraction of the set per bin")
   if title:
     ax.set_title(title)
   ax.legend(fontsize=8)
@@ -568,7 +575,8 @@ def _e(s) -> str:
   return html.escape(str(s), quote=True)
 
 
-def _html_table(header: list[str], rows: list[list[str]], caption: str | None = None) -> str:
+def _html_table(header: list[str], rows: list[list[str]], caption: str | None = None,
+                highlight: int | None = None) -> str:
   attrs = [' class="num"' if _numeric_column(h) else "" for h in header]
   out = ["<table>"]
   if caption:
@@ -576,8 +584,9 @@ def _html_table(header: list[str], rows: list[list[str]], caption: str | None = 
   out.append("<thead><tr>" + "".join(f"<th{a}>{_e(h)}</th>" for h, a in zip(header, attrs))
              + "</tr></thead>")
   out.append("<tbody>")
-  for r in rows:
-    out.append("<tr>" + "".join(f"<td{a}>{_e(v)}</td>" for v, a in zip(r, attrs)) + "</tr>")
+  for i, r in enumerate(rows):
+    tr = '<tr class="chosen">' if i == highlight else "<tr>"
+    out.append(tr + "".join(f"<td{a}>{_e(v)}</td>" for v, a in zip(r, attrs)) + "</tr>")
   out.append("</tbody></table>")
   return "\n".join(out)
 
@@ -593,56 +602,155 @@ figure{margin:1em 0}
 img{max-width:100%}
 .legend{color:#555;font-size:.9em}
 pre{background:#f7f7f7;padding:.6em;overflow:auto}
+tr.chosen td{font-weight:700;background:#eef6ee}
+table.kv th{text-align:left;vertical-align:top}
+details{margin:.6em 0}
+summary{cursor:pointer;font-weight:600}
 """
 
 
-def _image_figure(path) -> str:
+def _image_figure(path, caption: str | None = None) -> str:
   with open(path, "rb") as f:
     data = f.read()
   b64 = base64.b64encode(data).decode("ascii")
   name = os.path.basename(os.fspath(path))
-  return (f'<figure><img src="data:image/png;base64,{b64}" alt="{_e(name)}">'
-          f"<figcaption>{_e(name)}</figcaption></figure>")
+  text = f"{name}: {caption}" if caption else name
+  return (f'<figure id="fig-{_e(name)}"><img src="data:image/png;base64,{b64}" alt="{_e(name)}">'
+          f"<figcaption>{_e(text)}</figcaption></figure>")
 
 
-def to_html(results: Mapping, images: Iterable = ()) -> str:
-  """One self-contained HTML5 page: tables, selection, plots embedded as base64 PNG."""
+def _kv_table(pairs: Iterable[tuple[str, str]], caption: str | None = None) -> str:
+  out = ['<table class="kv">']
+  if caption:
+    out.append(f"<caption>{_e(caption)}</caption>")
+  out += [f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in pairs]
+  out.append("</table>")
+  return "\n".join(out)
+
+
+def _provenance_html(prov: Mapping) -> str:
+  """The provenance block: how this report was made (command, versions, device, date, git
+  commit) and each checkpoint's training config."""
+  versions = prov.get("versions", {}) or {}
+  git = prov.get("git") or {}
+  git_text = "-"
+  if git.get("commit"):
+    git_text = git["commit"] + (" (uncommitted changes)" if git.get("dirty") else "")
+  dev = prov.get("device", {}) or {}
+  dev_text = ", ".join(f"{k}={v}" for k, v in dev.items()) or "-"
+  pairs = [("Command", prov.get("command", "-")), ("Working directory", prov.get("cwd", "-")),
+           ("Date (UTC)", prov.get("date", "-")), ("Host", prov.get("host", "-")),
+           ("Device", dev_text), ("grood_jax git commit", git_text)]
+  pairs += [(f"{k} version", v) for k, v in versions.items()]
+  parts = ['<section id="provenance"><h2>Provenance</h2>', _kv_table(pairs)]
+  for ck in prov.get("checkpoints", []) or []:
+    head = f"{ck.get('path', '?')} (step {ck.get('step', '?')})"
+    parts.append(f'<details class="config"><summary>Training config of {_e(head)}</summary>'
+                 f"<pre>{_e(json.dumps(ck.get('config', {}), indent=2, sort_keys=True, default=_json_default))}</pre>"
+                 "</details>")
+  parts.append("</section>")
+  return "\n".join(parts)
+
+
+def to_html(results: Mapping, images: Iterable = (), provenance: Mapping | None = None,
+            timing: Mapping | None = None) -> str:
+  """One self-contained HTML5 page: the tables (AUROC, AUPR-In/Out, FPR95), each detector's
+  parameters, the selection grid with every point's val AUROC, the plots embedded as base64
+  PNG (`images`: paths, or (path, caption) pairs), provenance and timing."""
   title = _title(results)
   body = [f"<h1>{_e(title)}</h1>"]
   cl = _classifier_line(results)
   if cl:
     body.append(f"<p>{_e(cl)}</p>")
+  body.append('<section id="summary">')
   body.append(_html_table(*_summary_rows(results, True),
                           caption="Summary, sorted by near-OOD AUROC (%)"))
-  body.append(f'<p class="legend">{_e(FPR_LEGEND)}</p>')
+  body.append(f'<p class="legend">{_e(FPR_LEGEND)}<br>{_e(AUPR_LEGEND)}</p></section>')
+  body.append('<section id="per-set">')
   body.append(_html_table(*_per_set_rows(results, True), caption="Per OOD set (%)"))
+  body.append("</section>")
+  body.append('<section id="parameters"><h2>Detector parameters</h2>')
+  body.append(_html_table(*_param_rows(results)))
+  body.append("</section>")
   if results.get("selection"):
-    body.append("<h2>Hyper-parameter selection (ID val vs OOD val)</h2>")
+    body.append('<section id="selection"><h2>Hyper-parameter selection (ID val vs OOD val)</h2>')
     body.append(_html_table(*_selection_rows(results), caption="Chosen settings"))
     for name, sel in results["selection"].items():
-      grid = sel.get("grid", []) or []
-      if not grid:
+      header, rows, at = _grid_rows(sel)
+      if not rows:
         continue
-      rows = [[_params_text(g.get("params", {})),
-               _pct(g["auroc"]) if _is_number(g.get("auroc")) else "-"] for g in grid]
-      body.append(f"<details><summary>{_e(name)}: grid ({len(grid)})</summary>"
-                  + _html_table(["Params", "Val AUROC"], rows) + "</details>")
-  images = list(images)
+      table = _html_table(header, rows, highlight=at)
+      body.append(f'<details class="grid" open data-detector="{_e(name)}"><summary>{_e(name)}: '
+                  f"grid of {len(rows)} point{'s' if len(rows) != 1 else ''} (val AUROC %; the "
+                  "chosen one in bold)</summary>"
+                  f"{table}</details>")
+    body.append("</section>")
+  images = [(p, None) if isinstance(p, (str, os.PathLike)) else tuple(p) for p in images]
   if images:
-    body.append("<h2>Plots</h2>")
-    body += [_image_figure(p) for p in images]
-  for key in ("timing", "meta", "timing_per_run", "meta_per_run"):
+    body.append('<section id="plots"><h2>Plots</h2>')
+    body += [_image_figure(p, c) for p, c in images]
+    body.append("</section>")
+  if provenance:
+    body.append(_provenance_html(provenance))
+  extra = {"timing": timing} if timing else {}
+  for key in ("meta", "meta_per_run"):
     if key in results:
-      text = json.dumps(results[key], indent=2, default=_json_default)
-      body.append(f"<h2>{_e(key)}</h2><pre>{_e(text)}</pre>")
+      extra[key] = results[key]
+  for key, value in extra.items():
+    text = json.dumps(value, indent=2, default=_json_default)
+    body.append(f'<details class="{_e(key)}"><summary>{_e(key)}</summary><pre>{_e(text)}</pre>'
+                "</details>")
   return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
           f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
           + "\n".join(body) + "\n</body>\n</html>\n")
 
 
-def write_html(results: Mapping, path, images: Iterable = ()) -> str:
-  """Writes `to_html(results, images)` to `path` (atomically); returns the path."""
-  return atomic_write_text(path, to_html(results, images))
+def write_html(results: Mapping, path, images: Iterable = (), provenance: Mapping | None = None,
+               timing: Mapping | None = None) -> str:
+  """Writes `to_html(...)` to `path` (atomically); returns the path."""
+  return atomic_write_text(path, to_html(results, images, provenance, timing))
+
+
+# --------------------------------------------------------------------------- scores.npz
+
+
+def write_scores(path, score_runs: list[Mapping], *, checkpoints=(), groups: Mapping | None = None,
+                 id_labels=None) -> str:
+  """Per-sample scores of every detector and set, as an .npz (no pickles):
+
+    schema_version     int
+    detectors          str (D,)   detector labels as in results.json ("grood[default]", ...)
+    sets               str (S,)   "id" (the ID test split) first, then the OOD sets
+    checkpoints        str (R,)   one per scored checkpoint (run)
+    group/<set>        str        "id", "near" or "far"
+    ids/<set>          int64 (N,) each sample's row in its set as loaded (after --max-per-set)
+    labels/id          int32 (N,) ID test labels
+    scores/<det>/<set> float64 (R, N)  higher = more in-distribution; row r = checkpoint r
+
+  results.json's metrics are `stats.metrics_from_scores(scores/<det>/id[r], scores/<det>/<set>[r])`.
+  """
+  runs = list(score_runs)
+  dets = list(runs[0])
+  sets: list[str] = []
+  for by_set in runs[0].values():
+    for s in by_set:
+      if s not in sets:
+        sets.append(s)
+  sets.sort(key=lambda s: s != "id")
+  arrays = {"schema_version": np.asarray(SCHEMA_VERSION), "detectors": np.asarray(dets, str),
+            "sets": np.asarray(sets, str),
+            "checkpoints": np.asarray([str(c) for c in checkpoints] or [""] * len(runs), str)}
+  groups = dict(groups or {})
+  for s in sets:
+    arrays[f"group/{s}"] = np.asarray("id" if s == "id" else groups.get(s, ""), str)
+  for d in dets:
+    for s in runs[0][d]:
+      rows = [np.asarray(r[d][s], np.float64) for r in runs]
+      arrays[f"scores/{d}/{s}"] = np.stack(rows)
+      arrays.setdefault(f"ids/{s}", np.arange(len(rows[0]), dtype=np.int64))
+  if id_labels is not None:
+    arrays["labels/id"] = np.asarray(id_labels, np.int32)
+  return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # --------------------------------------------------------------------------- all at once
@@ -652,43 +760,185 @@ def _safe_name(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._") or "detector"
 
 
-def write_report(results: Mapping, out_dir, scores: Mapping | None = None) -> list[str]:
-  """Writes the whole report into out_dir and returns the paths written.
+CACHE_DIR = "cache"
+LOCK_FILE = ".grood.lock"
+_OURS = re.compile(r"^(results\.(json|csv|md)|report\.html|scores\.npz|provenance\.json|"
+                   r"timing\.json|roc\.png|auroc_bars\.png|hist_[A-Za-z0-9_.-]*\.png|cache|"
+                   r"\.grood\.lock|\..*\.tmp)$")
 
-  Files: results.json, results.csv, results.md, and — when `scores`
-  ({detector: {"id": array, SET: array, ...}}) is given — roc.png (top-3 detectors by near-OOD
-  AUROC that have scores) and hist_<detector>.png per detector; then auroc_bars.png and
-  report.html (with every plot embedded). Each file is replaced atomically.
-  """
-  out_dir = os.fspath(out_dir)
+
+def foreign_entries(out_dir) -> list[str]:
+  """Names in an existing report directory that no report wrote (the directory is swapped
+  whole, so a report directory must hold only report files). [] when it does not exist."""
   try:
-    os.makedirs(out_dir, exist_ok=True)
+    names = os.listdir(out_dir)
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  return sorted(n for n in names if not _OURS.match(n))
+
+
+def _sibling_prefix(out_dir: str) -> str:
+  return "." + os.path.basename(out_dir) + ".report-"
+
+
+def clean_stale(out_dir) -> list[str]:
+  """Removes temporary report directories a killed run left beside `out_dir` (call it while
+  holding the --out lock); a feature cache found there is moved back when `out_dir` has none.
+  Returns the removed paths."""
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  parent, prefix = os.path.dirname(out_dir), _sibling_prefix(out_dir)
+  removed = []
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return removed
+  for n in sorted(names):
+    if not n.startswith(prefix):
+      continue
+    p = os.path.join(parent, n)
+    cache = os.path.join(p, CACHE_DIR)
+    if os.path.isdir(cache) and os.path.isdir(out_dir) and not os.path.exists(
+        os.path.join(out_dir, CACHE_DIR)):
+      os.rename(cache, os.path.join(out_dir, CACHE_DIR))
+    shutil.rmtree(p, ignore_errors=True)
+    removed.append(p)
+  return removed
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.renameat2
+  except (OSError, AttributeError):
+    return False
+  fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+  at_fdcwd = -100
+  if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+    return False
+  raise OSError(err, os.strerror(err), a)
+
+
+def _swap_in(tmp: str, out_dir: str) -> None:
+  """Makes `tmp` the report directory `out_dir`: the lock file (hard link: the same locked
+  inode) and the feature cache move along; the old directory is then removed."""
+  if not os.path.isdir(out_dir):
+    os.rename(tmp, out_dir)
+    return
+  lock = os.path.join(out_dir, LOCK_FILE)
+  if os.path.exists(lock):
+    os.link(lock, os.path.join(tmp, LOCK_FILE))
+  cache = os.path.join(out_dir, CACHE_DIR)
+  if os.path.isdir(cache):
+    os.rename(cache, os.path.join(tmp, CACHE_DIR))
+  if _exchange(tmp, out_dir):
+    old = tmp                                    # the old report now lives at tmp's path
+  else:                                          # two renames: never a mixed directory
+    old = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=_sibling_prefix(out_dir))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def write_report(results: Mapping, out_dir, scores: Mapping | None = None, *,
+                 plots: bool = True, score_runs: list[Mapping] | None = None,
+                 checkpoints=(), id_labels=None, provenance: Mapping | None = None,
+                 timing: Mapping | None = None) -> list[str]:
+  """Writes the whole report and returns the paths written (under out_dir).
+
+  Files: results.json (deterministic: the same inputs give the same bytes), results.csv,
+  results.md; scores.npz (`write_scores`; `score_runs` = one {detector: {set: scores}} per
+  checkpoint, default [scores]); provenance.json and timing.json when given (not
+  reproducible, so kept out of results.json); with `plots`: roc.png (every detector),
+  hist_<detector>.png per detector, auroc_bars.png; and report.html (plots embedded,
+  provenance). Everything is written into a temporary directory beside out_dir, which then
+  replaces out_dir whole (its feature cache and lock file move along): a failure or a kill
+  mid-way leaves the previous report complete. An OSError (disk full, ...) becomes an
+  OutputError saying so.
+  """
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  parent = os.path.dirname(out_dir)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=_sibling_prefix(out_dir))
   except OSError as e:
-    raise OSError(f"cannot create report directory {out_dir!r}: {e}") from e
-  if not os.access(out_dir, os.W_OK | os.X_OK):
-    raise PermissionError(f"report directory {out_dir!r} is not writable")
-  j = lambda name: os.path.join(out_dir, name)
-  paths = [write_json(results, j("results.json")), to_csv(results, j("results.csv")),
-           atomic_write_text(j("results.md"), to_markdown(results))]
-  images = []
-  if scores:
-    top = [n for n in sorted_detectors(results) if n in scores][:3]
-    top += [n for n in scores if n not in results.get("detectors", {})][:3 - len(top)]
-    if top:
-      images.append(plot_roc({n: scores[n] for n in top}, j("roc.png"),
-                             title=f"ROC — {results.get('benchmark', '')}"))
+    raise OutputError(f"cannot create the report beside {out_dir} ({e.strerror or e}); choose "
+                      "another --out") from None
+  try:
+    names = _write_files(results, tmp, scores, plots=plots, score_runs=score_runs,
+                         checkpoints=checkpoints, id_labels=id_labels, provenance=provenance,
+                         timing=timing)
+    os.chmod(tmp, 0o777 & ~_umask())
+    _swap_in(tmp, out_dir)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    what = e.strerror or str(e)
+    hint = ("free some disk space, or choose another --out"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else "choose another --out")
+    raise OutputError(f"cannot write the report into {out_dir}: {what} "
+                      f"[errno {e.errno}]; {hint}; the previous report (if any) is intact") from e
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return [os.path.join(out_dir, n) for n in names]
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _write_files(results, out_dir, scores, *, plots, score_runs, checkpoints, id_labels,
+                 provenance, timing) -> list[str]:
+  j = lambda name: os.path.join(out_dir, name)  # noqa: E731
+  if "schema_version" not in results:
+    results = {"schema_version": SCHEMA_VERSION, **results}
+  written = [write_json(results, j("results.json")), to_csv(results, j("results.csv")),
+             atomic_write_text(j("results.md"), to_markdown(results))]
+  runs = score_runs if score_runs is not None else ([scores] if scores else [])
+  if runs:
+    groups = {s: m.get("group", "") for det in results.get("detectors", {}).values()
+              for s, m in det.get("ood", {}).items()}
+    written.append(write_scores(j("scores.npz"), runs, checkpoints=checkpoints, groups=groups,
+                                id_labels=id_labels))
+  if provenance:
+    written.append(write_json(provenance, j("provenance.json")))
+  if timing:
+    written.append(write_json(timing, j("timing.json")))
+  images: list[tuple[str, str]] = []
+  if plots and results.get("detectors"):
+    images.append((plot_auroc_bars(results, j("auroc_bars.png")),
+                   "near- and far-OOD AUROC per detector"))
+  if plots and scores:
+    order = [n for n in sorted_detectors(results) if n in scores]
+    order += [n for n in scores if n not in order]
+    images.append((plot_roc({n: scores[n] for n in order}, j("roc.png"),
+                            title=f"ROC — {results.get('benchmark', '')}"),
+                   f"ROC curves of all {len(order)} detectors on every OOD set "
+                   "(legend: AUROC %, detectors by near-OOD AUROC)"))
     used = set()
-    for name, by_set in scores.items():
+    for name in order:
+      by_set = scores[name]
       fname = f"hist_{_safe_name(name)}.png"
       k = 2
       while fname in used:
         fname = f"hist_{_safe_name(name)}_{k}.png"
         k += 1
       used.add(fname)
+      scale, _ = histogram_scale(by_set.values())
       title = f"{name} — {results.get('benchmark', '')}"
-      images.append(plot_histograms(by_set, j(fname), title=title))
-  if results.get("detectors"):
-    images.insert(0, plot_auroc_bars(results, j("auroc_bars.png")))
-  paths += images
-  paths.append(write_html(results, j("report.html"), images))
-  return paths
+      images.append((plot_histograms(by_set, j(fname), title=title),
+                     f"score histograms of {name} ({scale} x axis)"))
+  written += [p for p, _ in images]
+  written.append(write_html(results, j("report.html"), images, provenance, timing))
+  return [os.path.basename(p) for p in written]

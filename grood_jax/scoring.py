@@ -14,24 +14,34 @@ set. With `select=True`, every point of a detector's search grid is fitted anew 
 the ID validation split against the OOD validation set (the half not used by any detector
 as auxiliary data); the best AUROC wins. Test OOD sets are never looked at during selection.
 
-Library code: no prints. Progress and log lines go through the `log` callback.
+Library code: no prints. Log lines go through the `log` callback, progress through the
+`progress` callback: `progress(desc, total, unit)` returns a bar with `update(n)` and `close()`
+(the command line gives tqdm bars; the default shows nothing). Warnings (an unreadable cache
+file recomputed) go through `warnings.warn`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import os
+import platform
+import subprocess
+import sys
 import time
-from typing import Callable
+import warnings
+import zipfile
+from typing import Callable, Protocol
 
 import jax
 import numpy as np
 
-from grood_jax import metrics
+from grood_jax import metrics, parallel
 from grood_jax.data import DataError, ImageSet, OODSet, load_benchmark, load_source
 from grood_jax.detectors import Context, Split, make_detector
-from grood_jax.errors import ScoringError
+from grood_jax.errors import DetectorError, OutputError, ScoringError
+from grood_jax import features as features_lib
 from grood_jax.features import extract
 from grood_jax.fileio import atomic_write
 from grood_jax.modelfns import ModelFns
@@ -48,6 +58,29 @@ class ScoreOptions:
   seed: int = 0
   batch_size: int = 512
   cache_dir: str | None = None
+  data_options: object | None = None      # e.g. openood.Options, for load_benchmark(options=)
+
+
+class Bar(Protocol):
+  def update(self, n: int = 1) -> None: ...
+  def close(self) -> None: ...
+
+
+class _NoBar:
+  def update(self, n: int = 1) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def no_progress(desc: str, total: int, unit: str = "it") -> Bar:
+  """The default progress callback: shows nothing."""
+  del desc, total, unit
+  return _NoBar()
+
+
+ProgressFn = Callable[[str, int, str], Bar]
 
 
 def params_fingerprint(params) -> str:
@@ -69,18 +102,51 @@ def images_fingerprint(images: np.ndarray) -> str:
 
 
 class FeatureCache:
-  """Features of each image set under one checkpoint, in memory and optionally on disk."""
+  """Features of each image set under one checkpoint, in memory and optionally on disk.
+
+  A cache file that cannot be read (truncated, random bytes, wrong arrays) is a miss: it is
+  recomputed and rewritten, with one warning. A failure to write it (disk full, ...) is an
+  OutputError saying what to do; no partial file is left under its name.
+  """
 
   def __init__(self, fns: ModelFns, params, *, mean, std, batch_size: int,
-               cache_dir: str | None = None, log: Callable[[str], None] | None = None):
+               cache_dir: str | None = None, log: Callable[[str], None] | None = None,
+               progress: ProgressFn | None = None):
     self.fns, self.params, self.mean, self.std = fns, params, mean, std
     self.batch_size = batch_size
     self.cache_dir = cache_dir
     self.log = log or (lambda s: None)
+    self.progress = progress or no_progress
     self.model_key = params_fingerprint(params)
     self._mem: dict[str, Split] = {}
     self.hits = 0
     self.misses = 0
+
+  def _read(self, path: str, n: int):
+    """(feats, logits) from a cache file, or None (with one warning when it is unreadable)."""
+    if not os.path.exists(path):
+      return None
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        feats, logits = np.asarray(z["feats"]), np.asarray(z["logits"])
+      if (feats.ndim != 2 or logits.ndim != 2 or len(feats) != n or len(logits) != n
+          or feats.dtype != np.float32 or logits.dtype != np.float32):
+        raise ValueError(f"arrays of shape {feats.shape} / {logits.shape}, expected {n} rows")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      why = " ".join(str(e).split()) or type(e).__name__
+      warnings.warn(f"feature cache file {path} is unreadable ({type(e).__name__}: {why[:120]}); "
+                    "recomputing it", stacklevel=2)
+      return None
+    return feats, logits
+
+  def _write(self, path: str, feats, logits) -> None:
+    try:
+      os.makedirs(self.cache_dir, exist_ok=True)
+      atomic_write(path, lambda fh: np.savez(fh, feats=feats, logits=logits))
+    except OSError as e:
+      raise OutputError(f"cannot write the feature cache {path}: {e.strerror or e} [errno "
+                        f"{e.errno}]; free some disk space, choose another --out, or pass "
+                        "--no-cache") from e
 
   def split(self, data: ImageSet) -> Split:
     key = f"{self.model_key}-{images_fingerprint(data.images)}"
@@ -88,25 +154,38 @@ class FeatureCache:
       s = self._mem[key]
       return dataclasses.replace(s, name=data.name)
     path = os.path.join(self.cache_dir, f"feats-{key}.npz") if self.cache_dir else None
-    if path and os.path.exists(path):
+    got = self._read(path, len(data)) if path else None
+    if not parallel.all_processes(got is not None):   # several processes: all hit, or none
+      got = None
+    if (got is None and path and len(data) >= features_lib.MEMMAP_MIN_ROWS
+        and jax.process_count() == 1):    # a large set: memory-mapped .npy files instead
+      bar = self.progress(f"features {data.name}", len(data), "img")
       try:
-        with np.load(path) as z:
-          feats, logits = z["feats"], z["logits"]
-        self.hits += 1
-      except (OSError, ValueError, KeyError):
-        feats = None
+        f, hit = features_lib.cached_feature_files(
+            self.fns, self.params, data.images, self.cache_dir, key, mean=self.mean,
+            std=self.std, batch_size=self.batch_size, progress=bar.update)
+      finally:
+        bar.close()
+      if not hit:                         # counted as a hit just below
+        self.hits, self.misses = self.hits - 1, self.misses + 1
+      got = (f.feats, f.logits)
+      path = None                         # nothing more to write
+    if got is not None:
+      feats, logits = got
+      self.hits += 1
     else:
-      feats = None
-    if feats is None:
       self.misses += 1
       t0 = time.time()
-      f = extract(self.fns, self.params, data.images, mean=self.mean, std=self.std,
-                  batch_size=self.batch_size)
+      bar = self.progress(f"features {data.name}", len(data), "img")
+      try:
+        f = extract(self.fns, self.params, data.images, mean=self.mean, std=self.std,
+                    batch_size=self.batch_size, progress=bar.update)
+      finally:
+        bar.close()
       feats, logits = f.feats, f.logits
       self.log(f"features of {data.name}: {len(data)} images in {time.time() - t0:.1f}s")
-      if path:
-        os.makedirs(self.cache_dir, exist_ok=True)
-        atomic_write(path, lambda fh: np.savez(fh, feats=feats, logits=logits))
+      if path and parallel.is_main_process():    # process 0 writes the cache
+        self._write(path, feats, logits)
     s = Split(name=data.name, feats=feats, logits=logits, images=data.images, labels=data.labels)
     self._mem[key] = s
     return s
@@ -134,20 +213,26 @@ def split_ood_val(ood_val: ImageSet, seed: int) -> tuple[ImageSet, ImageSet]:
           ood_val.subset(np.sort(perm[half:]), ood_val.name + "[select]"))
 
 
-def fit_and_score(det, ctx: Context, id_split: Split, ood_splits: list[tuple[str, str, Split]]):
+def fit_and_score(det, ctx: Context, id_split: Split, ood_splits: list[tuple[str, str, Split]],
+                  bar: Bar | None = None):
   """Fits one detector and scores the ID split and every OOD split.
 
   Returns (per-set metrics, {set: scores}, accuracy of the detector's own prediction, seconds).
+  `bar` (optional) advances by one after the fit and after each scored split.
   """
+  bar = bar or _NoBar()
   t0 = time.time()
   state = det.fit(ctx)
   t_fit = time.time() - t0
+  bar.update(1)
   scores = {"id": _check_scores(det.name, id_split.name, det.score(ctx, state, id_split))}
+  bar.update(1)
   per_set = {}
   for group, name, split in ood_splits:
     s = _check_scores(det.name, name, det.score(ctx, state, split))
     scores[name] = s
     per_set[name] = {"group": group, **metrics.ood_metrics(scores["id"], s)}
+    bar.update(1)
   acc = None
   if id_split.labels is not None:
     acc = float(metrics.accuracy(np.asarray(det.predict(ctx, state, id_split)), id_split.labels))
@@ -155,20 +240,26 @@ def fit_and_score(det, ctx: Context, id_split: Split, ood_splits: list[tuple[str
 
 
 def select_params(name: str, base_params: dict, ctx: Context, id_val: Split, ood_val: Split,
-                  log: Callable[[str], None]):
+                  log: Callable[[str], None], progress: ProgressFn | None = None):
   """Fits every grid point anew, scores ID val vs OOD val; returns (best params, grid results)."""
   proto = make_detector(name, **base_params)
+  points = proto.grid_points()
   grid = []
   best = None
-  for point in proto.grid_points():
-    det = make_detector(name, **point)
-    state = det.fit(ctx)  # refitted for every point: no state is shared across the grid
-    s_id = _check_scores(name, id_val.name, det.score(ctx, state, id_val))
-    s_ood = _check_scores(name, ood_val.name, det.score(ctx, state, ood_val))
-    auc = metrics.auroc(s_id, s_ood)
-    grid.append({"params": _jsonable(point), "auroc": float(auc)})
-    if best is None or auc > best[1]:
-      best = (point, auc)
+  bar = (progress or no_progress)(f"select {name}", len(points), "point")
+  try:
+    for point in points:
+      det = make_detector(name, **point)
+      state = det.fit(ctx)  # refitted for every point: no state is shared across the grid
+      s_id = _check_scores(name, id_val.name, det.score(ctx, state, id_val))
+      s_ood = _check_scores(name, ood_val.name, det.score(ctx, state, ood_val))
+      auc = metrics.auroc(s_id, s_ood)
+      grid.append({"params": _jsonable(point), "auroc": float(auc)})
+      if best is None or auc > best[1]:
+        best = (point, auc)
+      bar.update(1)
+  finally:
+    bar.close()
   log(f"select {name}: {len(grid)} grid points, best AUROC {best[1]:.4f} with "
       f"{ {k: best[0][k] for k in proto.grid} }")
   return best[0], grid
@@ -237,7 +328,7 @@ def prepare_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, benchmarks: dict | 
   if benchmarks is not None and key in benchmarks:
     bench, ood_sets = benchmarks[key]
   else:
-    bench = load_benchmark(bench_name, data_dir=data_dir)
+    bench = load_benchmark(bench_name, data_dir=data_dir, options=opts.data_options)
     ood_sets = None
   if int(model.num_classes) != bench.num_classes:
     raise DataError(f"the checkpoint {ckpt_dir} has {model.num_classes} classes but benchmark "
@@ -252,31 +343,69 @@ def prepare_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, benchmarks: dict | 
     ood_sets = build_sets(bench, opts.extra_ood)
     if benchmarks is not None:
       benchmarks[key] = (bench, ood_sets)
+  check_detectors(opts, num_train=len(bench.id_train), num_classes=bench.num_classes,
+                  feature_dim=feature_dim(ModelFns(model), bench.image_shape))
   return Prepared(ckpt_dir, model, config, int(step), bench, ood_sets)
 
 
+def feature_dim(fns: ModelFns, image_shape) -> int:
+  """The penultimate feature size of the model on images of `image_shape`, from shapes only
+  (jax.eval_shape: nothing is computed)."""
+  x = jax.ShapeDtypeStruct((1, *image_shape), np.float32)
+  _, h, _ = jax.eval_shape(fns.forward, fns.params, x)
+  return int(np.prod(h.shape[1:]))
+
+
+def check_detectors(opts: ScoreOptions, *, num_train: int, num_classes: int,
+                    feature_dim: int) -> list:
+  """Makes every requested detector with its --param values (types and ranges checked) and,
+  with `opts.select`, every point of its selection grid, and checks each against the data
+  sizes (`Detector.check_data`, e.g. knn.k <= the bank): DetectorError before any work.
+  Returns the detectors made with the user's parameters."""
+  dets = []
+  for name in opts.detectors:
+    det = make_detector(name, **dict(opts.detector_params.get(name, {})))
+    det.check_data(num_train=num_train, num_classes=num_classes, feature_dim=feature_dim)
+    dets.append(det)
+    if opts.select:
+      for point in det.grid_points():
+        try:
+          make_detector(name, **point).check_data(num_train=num_train, num_classes=num_classes,
+                                                  feature_dim=feature_dim)
+        except DetectorError as e:
+          grid = {k: point[k] for k in det.grid}
+          raise DetectorError(f"--select grid point {name} {grid}: {e}") from None
+  return dets
+
+
 def score_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, log: Callable[[str], None] | None = None,
-                     timing: dict | None = None):
+                     timing: dict | None = None, progress: ProgressFn | None = None):
   """Scores every requested detector on one checkpoint. Returns (results dict, scores dict).
 
   The results hold no wall-clock times, so the same checkpoint, options and seed give the same
   results; the times go into `timing` (a dict filled in place) when one is given.
   """
-  return score_prepared(prepare_checkpoint(ckpt_dir, opts), opts, log=log, timing=timing)
+  return score_prepared(prepare_checkpoint(ckpt_dir, opts), opts, log=log, timing=timing,
+                        progress=progress)
 
 
 def score_prepared(prep: Prepared, opts: ScoreOptions, *,
-                   log: Callable[[str], None] | None = None, timing: dict | None = None):
-  """Extracts features (cached), fits and scores every detector: (results dict, scores dict)."""
-  from grood_jax.report import group_means
+                   log: Callable[[str], None] | None = None, timing: dict | None = None,
+                   progress: ProgressFn | None = None):
+  """Extracts features (cached), fits and scores every detector: (results dict, scores dict).
+
+  `progress` gets a bar per feature extraction (images), per detector (fit + each scored set)
+  and per selection (grid points)."""
+  from grood_jax.stats import group_means
 
   log = log or (lambda s: None)
+  progress = progress or no_progress
   timing = {} if timing is None else timing
   model, step, bench, ckpt_dir = prep.model, prep.step, prep.bench, prep.ckpt_dir
   fns = ModelFns(model)
   params = fns.params
   cache = FeatureCache(fns, params, mean=bench.mean, std=bench.std, batch_size=opts.batch_size,
-                       cache_dir=opts.cache_dir, log=log)
+                       cache_dir=opts.cache_dir, log=log, progress=progress)
   t0 = time.time()
   train = cache.split(bench.id_train)
   id_test = cache.split(bench.id_test)
@@ -304,7 +433,7 @@ def score_prepared(prep: Prepared, opts: ScoreOptions, *,
     params_user = dict(opts.detector_params.get(name, {}))
     runs = [(name, params_user)]
     if opts.select:
-      chosen, grid = select_params(name, params_user, ctx, id_val, sel_val, log)
+      chosen, grid = select_params(name, params_user, ctx, id_val, sel_val, log, progress)
       results["selection"][name] = {"chosen": _jsonable(chosen), "grid": grid,
                                     "id_val": id_val.name, "ood_val": sel_val.name}
       if name == "grood":  # report the authors' setting beside the selected one
@@ -313,7 +442,11 @@ def score_prepared(prep: Prepared, opts: ScoreOptions, *,
         runs = [(name, chosen)]
     for label, p in runs:
       det = make_detector(name, **p)
-      per_set, scores, acc, det_timing = fit_and_score(det, ctx, id_test, ood_splits)
+      bar = progress(label, 2 + len(ood_splits), "step")
+      try:
+        per_set, scores, acc, det_timing = fit_and_score(det, ctx, id_test, ood_splits, bar)
+      finally:
+        bar.close()
       entry = {"params": _jsonable(det.params), "accuracy": acc, "ood": per_set,
                **group_means(per_set)}
       results["detectors"][label] = entry
@@ -323,3 +456,67 @@ def score_prepared(prep: Prepared, opts: ScoreOptions, *,
   if not opts.select:
     results.pop("selection")
   return results, all_scores
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def _git(*args: str) -> str | None:
+  here = os.path.dirname(os.path.abspath(__file__))
+  try:
+    r = subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return r.stdout.strip() if r.returncode == 0 else None
+
+
+def provenance(prepared: list[Prepared], argv: list[str] | None = None) -> dict:
+  """How a report was made: command line, date, host, device, versions, the grood_jax git
+  commit (when it runs from a git checkout), each checkpoint's step and training config.
+  Not reproducible by nature: it goes to provenance.json and the HTML, never results.json."""
+  import flax
+  import grood_jax
+  versions = {"grood_jax": grood_jax.__version__, "jax": jax.__version__,
+              "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
+              "flax": flax.__version__, "numpy": np.__version__,
+              "python": platform.python_version()}
+  try:
+    import optax
+    versions["optax"] = optax.__version__
+  except ImportError:
+    pass
+  devices = jax.devices()
+  device = {"platform": devices[0].platform, "kind": getattr(devices[0], "device_kind", "?"),
+            "count": len(devices), "process_count": jax.process_count()}
+  git = None
+  commit = _git("rev-parse", "HEAD")
+  if commit:
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    git = {"commit": commit, "dirty": bool(dirty)}
+  argv = list(sys.argv if argv is None else argv)
+  ckpts = []
+  for p in prepared:
+    cfg = p.config.to_dict() if hasattr(p.config, "to_dict") else dict(p.config or {})
+    ckpts.append({"path": os.path.abspath(p.ckpt_dir), "step": int(p.step),
+                  "config": _jsonable_tree(cfg)})
+  return {"command": " ".join(_shell_quote(a) for a in argv), "argv": argv,
+          "cwd": os.getcwd(), "date": datetime.datetime.now(datetime.timezone.utc)
+          .isoformat(timespec="seconds"), "host": platform.node(), "device": device,
+          "versions": versions, "git": git, "checkpoints": ckpts}
+
+
+def _shell_quote(a: str) -> str:
+  import shlex
+  return shlex.quote(str(a))
+
+
+def _jsonable_tree(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable_tree(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable_tree(v) for v in x]
+  if isinstance(x, np.generic):
+    return x.item()
+  if x is None or isinstance(x, (bool, int, float, str)):
+    return x
+  return str(x)

@@ -11,6 +11,7 @@ import pytest
 
 from grood_jax import metrics as M
 from grood_jax import report as R
+from grood_jax import stats as S
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SETS = {"cifar100": "near", "tin": "near", "mnist": "far", "svhn": "far", "textures": "far"}
@@ -33,7 +34,7 @@ def _results(seed=0, checkpoint="ckpt/a"):
     scores[name] = sc
     ood = {s: {"group": g, **M.ood_metrics(sc["id"], sc[s])} for s, g in SETS.items()}
     detectors[name] = {"params": {"T": 1.0}, "accuracy": float(rng.uniform(0.9, 0.95)),
-                       "ood": ood, **R.group_means(ood)}
+                       "ood": ood, **S.group_means(ood)}
   results = {"benchmark": "cifar10", "checkpoint": checkpoint,
              "classifier_accuracy": float(rng.uniform(0.9, 0.95)), "detectors": detectors,
              "selection": {"grood <x>": {"chosen": {"k": 5},
@@ -46,18 +47,18 @@ def _results(seed=0, checkpoint="ckpt/a"):
 def test_group_means_vs_numpy():
   res, _ = _results()
   ood = res["detectors"]["msp"]["ood"]
-  g = R.group_means(ood)
+  g = S.group_means(ood)
   for group in ("near", "far"):
     names = [s for s, grp in SETS.items() if grp == group]
     for k in M.METRIC_NAMES:
       assert g[group][k] == pytest.approx(np.mean([ood[s][k] for s in names]))
   only_far = {s: m for s, m in ood.items() if m["group"] == "far"}
-  assert set(R.group_means(only_far)) == {"far"}
+  assert set(S.group_means(only_far)) == {"far"}
 
 
 def test_aggregate_runs_mean_std_vs_numpy():
   runs = [_results(seed, f"ckpt/{seed}")[0] for seed in range(3)]
-  agg = R.aggregate_runs(runs)
+  agg = S.aggregate_runs(runs)
   assert agg["checkpoint"] == ["ckpt/0", "ckpt/1", "ckpt/2"]
   assert agg["n_runs"] == 3
   acc = [r["classifier_accuracy"] for r in runs]
@@ -80,14 +81,14 @@ def test_aggregate_runs_mean_std_vs_numpy():
         assert a[group][k] == pytest.approx(np.mean(vals))
         assert a[group]["std"][k] == pytest.approx(np.std(vals, ddof=1))
         # Mean of group means == group mean of per-set means.
-        assert a[group][k] == pytest.approx(R.group_means(a["ood"])[group][k])
+        assert a[group][k] == pytest.approx(S.group_means(a["ood"])[group][k])
   assert agg["timing_per_run"] == [{"fit_s": 1.5}] * 3
-  single = R.aggregate_runs(runs[:1])
+  single = S.aggregate_runs(runs[:1])
   assert single["detectors"]["msp"]["near"]["std"]["auroc"] == 0.0
   with pytest.raises(ValueError, match="detectors"):
     bad = json.loads(json.dumps(runs[1]))
     del bad["detectors"]["msp"]
-    R.aggregate_runs([runs[0], bad])
+    S.aggregate_runs([runs[0], bad])
 
 
 def test_format_table_sorted_by_near_auroc():
@@ -107,7 +108,7 @@ def test_format_table_sorted_by_near_auroc():
   assert "FPR95-OO" in text and "classic" in text  # the legend names both conventions
   assert "Per OOD set" in text and "textures" in text
   # With std: "± s".
-  agg = R.aggregate_runs([_results(s, str(s))[0] for s in range(2)])
+  agg = S.aggregate_runs([_results(s, str(s))[0] for s in range(2)])
   assert "±" in R.format_table(agg)
   assert "FPR95-OO" in R.format_table(res, openood_fpr=True).splitlines()[header]
 
@@ -123,7 +124,7 @@ def test_markdown_names_both_conventions():
 
 def test_csv_round_trip(tmp_path):
   runs = [_results(s, str(s))[0] for s in range(2)]
-  for res in (runs[0], R.aggregate_runs(runs)):
+  for res in (runs[0], S.aggregate_runs(runs)):
     path = R.to_csv(res, tmp_path / "r.csv")
     with open(path, newline="") as f:
       rows = list(csv.DictReader(f))
@@ -179,11 +180,11 @@ def test_write_report_html_embeds_pngs(tmp_path):
   names = sorted(os.path.basename(p) for p in paths)
   assert names == sorted(["results.json", "results.csv", "results.md", "roc.png",
                           "hist_msp.png", "hist_grood_x.png", "hist_energy.png",
-                          "auroc_bars.png", "report.html"])
+                          "auroc_bars.png", "report.html", "scores.npz"])
   assert all(os.path.isfile(p) for p in paths)
   assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
   with open(out / "results.json") as f:
-    assert json.load(f) == json.loads(json.dumps(res))
+    assert json.load(f) == {"schema_version": R.SCHEMA_VERSION, **json.loads(json.dumps(res))}
   text = (out / "report.html").read_text()
   assert text.startswith("<!DOCTYPE html>")
   p = _Parser()
@@ -204,7 +205,7 @@ def test_write_report_html_embeds_pngs(tmp_path):
 
 def test_plots_standalone(tmp_path):
   res, scores = _results()
-  agg = R.aggregate_runs([res, _results(1, "b")[0]])
+  agg = S.aggregate_runs([res, _results(1, "b")[0]])
   for path in (R.plot_auroc_bars(agg, tmp_path / "bars.png"),
                R.plot_roc({"msp": scores["msp"]}, tmp_path / "roc.png"),
                R.plot_histograms({"id": np.ones(5), "x": np.ones(3)}, tmp_path / "h.png",
@@ -249,5 +250,7 @@ def test_atomic_write_keeps_old_file(tmp_path, monkeypatch):
 def test_write_report_bad_dir(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  with pytest.raises(OSError, match="cannot create report directory"):
+  from grood_jax.errors import OutputError
+  with pytest.raises(OutputError, match="cannot create the report beside"):
     R.write_report(_results()[0], blocker / "sub")
+  assert blocker.read_text() == "x"

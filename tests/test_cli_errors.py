@@ -289,8 +289,8 @@ def test_rgb_32_is_converted_for_a_28x28x1_model(tmp_path):
 
 
 def test_nan_scores_are_an_internal_error(capsys, tmp_path, ckpt, monkeypatch):
-  from grood_jax.detectors import REGISTRY
-  monkeypatch.setattr(REGISTRY["msp"], "score",
+  from grood_jax.detectors import detector_class
+  monkeypatch.setattr(detector_class("msp"), "score",
                       lambda self, ctx, state, split: np.full(len(split), np.nan, np.float32))
   out = tmp_path / "out"
   rc, _, err = _score(capsys, "--ckpt", ckpt, "--detectors", "msp", "--out", out)

@@ -222,6 +222,7 @@ def main(argv=None):
         "num_classes": args.num_classes, "n_test": n_test, "batch_size": args.batch_size,
         "tmp": args.tmp}, timeout=7200)
     rows.append(row)
+    _util.save(NAME, {"benchmark": NAME, "partial": True, "rows": rows}, args.out)  # so far
     print(f"N={n}: peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB, "
           f"{row['images_per_s']:.0f} images/s end to end "
           f"({row['train_features_images_per_s']:.0f} features), {row['total_s']:.1f}s",

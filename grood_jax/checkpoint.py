@@ -84,7 +84,7 @@ def _abstract(tree):
   return jax.tree.map(one, tree)
 
 
-def _jsonable(obj):
+def jsonable(obj):
   """A JSON-round-tripped copy (tuples -> lists, numpy scalars -> Python numbers)."""
   def default(o):
     if hasattr(o, "tolist"):
@@ -241,15 +241,15 @@ def save(workdir, step: int, model: nnx.Module, optimizer_state, config, extra: 
       "format": FORMAT, "version": VERSION, "step": int(step),
       "model": {
           "name": model_cfg.get("name"),
-          "kwargs": _jsonable(dict(model_cfg.get("kwargs", {}) or {})),
+          "kwargs": jsonable(dict(model_cfg.get("kwargs", {}) or {})),
           "num_classes": int(model.num_classes),
           "in_channels": int(getattr(model, "in_channels", 1)),
       },
   }
   items = dict(
       model=ocp.args.StandardSave(_pure(nnx.state(model))),
-      config=ocp.args.JsonSave(_jsonable(config.to_dict() if config is not None else {})),
-      extra=ocp.args.JsonSave(_jsonable(dict(extra or {}))),
+      config=ocp.args.JsonSave(jsonable(config.to_dict() if config is not None else {})),
+      extra=ocp.args.JsonSave(jsonable(dict(extra or {}))),
       meta=ocp.args.JsonSave(meta),
   )
   opt_state = _optimizer_state(optimizer_state)

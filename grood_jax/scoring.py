@@ -266,14 +266,8 @@ def select_params(name: str, base_params: dict, ctx: Context, id_val: Split, ood
 
 
 def _jsonable(d: dict) -> dict:
-  """A copy with numpy scalars as Python numbers and the keys in sorted order (stable JSON)."""
-  out = {}
-  for k in sorted(d):
-    v = d[k]
-    if isinstance(v, (np.generic,)):
-      v = v.item()
-    out[k] = v
-  return out
+  """A JSON-ready copy of a parameter dict with the keys in sorted order (stable JSON)."""
+  return _jsonable_tree({k: d[k] for k in sorted(d)})
 
 
 def build_sets(bench, extra_ood) -> list[OODSet]:

@@ -142,7 +142,7 @@ def _check_resume_config(stored, config, step, workdir, allow: bool) -> dict:
   """The config fields that differ from the checkpoint's; ConfigError when one changes the
   run and `allow` is False."""
   from grood_jax.errors import ConfigError
-  changes = config_lib.config_changes(stored, checkpoint._jsonable(config.to_dict()))
+  changes = config_lib.config_changes(stored, checkpoint.jsonable(config.to_dict()))
   changing = config_lib.run_changes(changes)
   if changing and not allow:
     listed = ", ".join(f"{k} ({a!r} in the checkpoint, now {b!r})"

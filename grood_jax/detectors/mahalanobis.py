@@ -37,17 +37,24 @@ def _class_stats(h_NxD, onehot_NxC):
 
 
 @jax.jit
-def _whiten(h_NxD, centre_D, proj_DxR):
+def whiten(h_NxD, centre_D, proj_DxR):
+  """(h - centre) P: features in whitened coordinates (precision HIGHEST)."""
   return jnp.matmul(h_NxD - centre_D, proj_DxR, precision=ops.HIGHEST)
 
 
-def whitening(cov_DxD, rcond: float = RCOND) -> np.ndarray:
+def whitening(cov_DxD, rcond: float = RCOND, who: str = "mahalanobis",
+              what: str = "the within-class covariance") -> np.ndarray:
   """A (D, r) with A A^T = pinv(cov): eigenvectors over sqrt(eigenvalue), small ones dropped."""
   lam, vec = np.linalg.eigh(np.asarray(cov_DxD, np.float64))
   keep = lam > rcond * max(float(lam.max()), 0.0)
   if not keep.any():
-    raise DetectorError("mahalanobis: the within-class covariance of the train features is 0")
+    raise DetectorError(f"{who}: {what} of the train features is 0")
   return (vec[:, keep] / np.sqrt(lam[keep])).astype(np.float32)
+
+
+def nearest_whitened(feats_NxD, centre_D, proj_DxR, protos_CxR):
+  """(squared distance, index) of the nearest whitened class mean: knn_search with k = 1."""
+  return ops.knn_search(whiten(ops.as_np32(feats_NxD), centre_D, proj_DxR), protos_CxR, 1)
 
 
 @register
@@ -64,13 +71,12 @@ class Mahalanobis(Detector):
     counts, means, cov, centre = _class_stats(ops.as_np32(ctx.train.feats), onehot)
     present = np.asarray(counts) > 0
     proj = whitening(cov)
-    protos = _whiten(np.asarray(means)[present], centre, proj)
+    protos = whiten(np.asarray(means)[present], centre, proj)
     return {"centre_D": np.asarray(centre), "proj_DxR": proj, "protos_CxR": np.asarray(protos),
             "classes_C": np.flatnonzero(present).astype(np.int32)}
 
   def _nearest(self, state, split):
-    z = _whiten(ops.as_np32(split.feats), state["centre_D"], state["proj_DxR"])
-    return ops.knn_search(z, state["protos_CxR"], 1)
+    return nearest_whitened(split.feats, state["centre_D"], state["proj_DxR"], state["protos_CxR"])
 
   def score(self, ctx, state, split) -> np.ndarray:
     d, _ = self._nearest(state, split)

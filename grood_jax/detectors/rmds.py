@@ -21,19 +21,10 @@ import numpy as np
 
 from grood_jax import ops
 from grood_jax.detectors import common
-from grood_jax.detectors.base import Detector, DetectorError, register
+from grood_jax.detectors.base import Detector, register
+from grood_jax.detectors.mahalanobis import nearest_whitened, whiten, whitening
 
-RCOND = 1e-6
 ROWS = 1 << 16                      # rows per float64 accumulation chunk
-
-
-def whitening_of(cov_DxD, rcond: float = RCOND) -> np.ndarray:
-  """A (D, r) float32 with A A^T = pinv(cov) (eigen-directions <= rcond x max dropped)."""
-  lam, vec = np.linalg.eigh(np.asarray(cov_DxD, np.float64))
-  keep = lam > rcond * max(float(lam.max()), 0.0)
-  if not keep.any():
-    raise DetectorError("rmds: a covariance of the train features is 0")
-  return (vec[:, keep] / np.sqrt(lam[keep])).astype(np.float32)
 
 
 def gaussian_stats(h_NxD, labels_N, num_classes: int):
@@ -61,13 +52,8 @@ def gaussian_stats(h_NxD, labels_N, num_classes: int):
 
 
 @jax.jit
-def _whiten(h_NxD, centre_D, proj_DxR):
-  return jnp.matmul(h_NxD - centre_D, proj_DxR, precision=ops.HIGHEST)
-
-
-@jax.jit
 def _sq_norm_whitened(h_NxD, centre_D, proj_DxR):
-  z = _whiten(h_NxD, centre_D, proj_DxR)
+  z = whiten(h_NxD, centre_D, proj_DxR)
   return jnp.sum(z * z, axis=1)
 
 
@@ -83,16 +69,15 @@ class RMDS(Detector):
     num_classes = int(np.asarray(ctx.train.logits).shape[1])
     counts, means, within, mean, full = gaussian_stats(ctx.train.feats, labels, num_classes)
     present = counts > 0
-    proj = whitening_of(within)
+    proj = whitening(within, who="rmds", what="a covariance")
     centre = mean.astype(np.float32)
     protos = ((means[present] - mean) @ proj.astype(np.float64)).astype(np.float32)
     return {"centre_D": centre, "proj_DxR": proj, "protos_CxR": protos,
-            "bg_proj_DxS": whitening_of(full),
+            "bg_proj_DxS": whitening(full, who="rmds", what="a covariance"),
             "classes_C": np.flatnonzero(present).astype(np.int32)}
 
   def _nearest(self, state, split):
-    z = _whiten(ops.as_np32(split.feats), state["centre_D"], state["proj_DxR"])
-    return ops.knn_search(z, state["protos_CxR"], 1)
+    return nearest_whitened(split.feats, state["centre_D"], state["proj_DxR"], state["protos_CxR"])
 
   def score(self, ctx, state, split) -> np.ndarray:
     d, _ = self._nearest(state, split)

@@ -15,7 +15,8 @@ from grood_jax.features import extract, normalize
 from grood_jax.modelfns import ModelFns
 from grood_jax.models.cnn import SmallCNN
 
-NEW = ["scale", "rmds", "dice", "nnguide", "entropy", "tempscale", "adascale", "fold"]
+NEW = ["scale", "rmds", "dice", "nnguide", "entropy", "tempscale", "adascale", "fold",
+       "autofold"]
 C, D = 4, 8
 MEAN, STD = 0.3, 0.4
 
@@ -73,6 +74,8 @@ def test_registered_with_grid_and_specs():
         make_detector(name, **{key: v})          # every grid value passes its spec
   for name, bad in [("scale", {"percentile": 100.0}), ("dice", {"sparsity": -1.0}),
                     ("nnguide", {"K": 0}), ("fold", {"alpha": 1.5}), ("fold", {"method": "x"}),
+                    ("fold", {"norm": True}), ("autofold", {"calib": "test"}),
+                    ("autofold", {"alpha": 0.5}),
                     ("adascale", {"variant": "b"}), ("adascale", {"p_hi": 100.0}),
                     ("tempscale", {"T": 0.0}), ("tempscale", {"T": "fit"})]:
     with pytest.raises(DetectorError):
@@ -208,13 +211,27 @@ def _numpy_kappa(h, w, b, alpha):
   return (p * (w ** 2).sum(1)).sum(1) - ((p @ w) ** 2).sum(1), z, p
 
 
+def _numpy_fold(h, w, b, alpha, norm):
+  """The authors' score: -tr W^T (diag p - p p^T) W, over ||sum_c p_c w_c||^2 or ||z||^2."""
+  kappa, z, p = _numpy_kappa(h, w, b, alpha)
+  div = {"none": np.ones(len(z)), "weight": ((p @ w) ** 2).sum(1), "feature": (z ** 2).sum(1)}
+  return -kappa / np.maximum(div[norm], 1e-7)
+
+
 def test_fold_exact_trace_against_the_closed_form(cnn):
   ctx, test, w, b = cnn
+  assert make_detector("fold").params["alpha"] == 0.1             # the authors' fold.yml
+  assert make_detector("fold").params["norm"] == "weight"
   for alpha in [0.0, 0.5, 1.0]:
     kappa, _, _ = _numpy_kappa(test.feats, w, b, alpha)
     assert kappa.min() >= 0 and np.ptp(kappa) > 1e-4 * kappa.max()
-    close(run("fold", ctx, test, alpha=alpha, method="exact")[0], -kappa, 1e-4)
-    close(run("fold", ctx, test, alpha=alpha)[0], -kappa, 1e-4)          # auto: D <= 512
+    for norm in ["none", "weight", "feature"]:
+      ref = _numpy_fold(test.feats, w, b, alpha, norm)
+      close(run("fold", ctx, test, alpha=alpha, norm=norm, method="exact")[0], ref, 1e-4)
+      close(run("fold", ctx, test, alpha=alpha, norm=norm)[0], ref, 1e-4)   # auto: D <= 512
+  # the normalisation changes the ranking, not only the scale
+  a, b2 = _numpy_fold(test.feats, w, b, 0.5, "none"), _numpy_fold(test.feats, w, b, 0.5, "weight")
+  assert (np.argsort(a) != np.argsort(b2)).any()
 
 
 def test_fold_hutchinson_against_float64_with_the_same_probes(cnn):
@@ -226,11 +243,94 @@ def test_fold_hutchinson_against_float64_with_the_same_probes(cnn):
     wv = v @ w.T                                         # (P, C): W v per probe
     # v^T W^T (diag p - p p^T) W v, averaged over probes
     est = (np.einsum("nc,pc->np", p, wv ** 2) - np.einsum("nc,pc->np", p, wv) ** 2).mean(1)
-    s = run("fold", ctx, test, alpha=0.5, method="hutchinson", probes=probes, seed=seed)[0]
+    s = run("fold", ctx, test, alpha=0.5, norm="none", method="hutchinson", probes=probes,
+            seed=seed)[0]
     close(s, -est, 1e-4)
+    s = run("fold", ctx, test, alpha=0.5, method="hutchinson", probes=probes, seed=seed)[0]
+    close(s, -est / ((p @ w) ** 2).sum(1), 1e-4)
   # many probes: an unbiased estimate of the exact trace
-  s = run("fold", ctx, test, alpha=0.5, method="hutchinson", probes=4096)[0]
+  s = run("fold", ctx, test, alpha=0.5, norm="none", method="hutchinson", probes=4096)[0]
   close(s, -kappa, 0.1)
+
+
+# ------------------------------------------------------------------ AutoFold
+
+
+def _numpy_autofold(h, y, w, b, norm, classes):
+  """Brute force: for every alpha in 0.01..1.00 and every held-out class k, class k's column
+  is deleted from the head (= its logit masked to -inf), Fold recomputed in float64 and the
+  AUROC (sklearn) of the other classes' samples vs class k's taken; first best mean wins."""
+  from sklearn.metrics import roc_auc_score
+  h = h.astype(np.float64)
+  alphas = [i / 100 for i in range(1, 101)]
+  curve = []
+  for alpha in alphas:
+    z = h / np.linalg.norm(h, axis=1, keepdims=True) ** alpha
+    aucs = []
+    for k in classes:
+      keep = np.arange(len(b)) != k
+      wk, bk = w[keep], b[keep]
+      p = softmax(z @ wk.T + bk, axis=1)
+      kappa = (p * (wk ** 2).sum(1)).sum(1) - ((p @ wk) ** 2).sum(1)
+      div = {"none": 1.0, "weight": ((p @ wk) ** 2).sum(1), "feature": (z ** 2).sum(1)}[norm]
+      aucs.append(roc_auc_score((y != k).astype(int), -kappa / div))
+    curve.append(np.mean(aucs))
+  curve = np.array(curve)
+  return alphas[int(np.argmax(curve))], curve
+
+
+def _autofold_data(w, b, n=120, seed=1):
+  """ID-like features: class clusters with widely varying norms, labelled by the head's
+  prediction (as a trained network's ID samples mostly are)."""
+  rng = np.random.default_rng(seed)
+  mu = rng.normal(size=(C, D)) * 2
+  h = (mu[rng.integers(0, C, n)] + rng.normal(size=(n, D))) * np.exp(rng.normal(size=(n, 1)) * 0.8)
+  y = np.argmax(h @ w.T + b, axis=1).astype(np.int32)
+  assert len(np.unique(y)) == C
+  return h.astype(np.float32), y
+
+
+def test_autofold_alpha_is_the_brute_force_choice(cnn):
+  import copy
+  ctx, test, w, b = cnn
+  h, y = _autofold_data(w, b)
+  ctx_val = copy.copy(ctx)
+  ctx_val.id_val = Split("id_val", h, h @ w.T.astype(np.float32) + b.astype(np.float32),
+                         labels=y)
+  for norm in ["weight", "none", "feature"]:
+    alpha, curve = _numpy_autofold(h, y, w, b, norm, range(C))
+    s, det, state = run("autofold", ctx_val, test, norm=norm)
+    close(state["calib_auroc_A"], curve, 1e-6)
+    assert float(state["alpha"]) == pytest.approx(alpha, abs=1e-6), norm
+    if norm != "feature":
+      assert 0.05 < alpha < 0.95 and np.ptp(curve) > 0.02     # an interior, clear maximum
+    # scoring: Fold at the calibrated alpha
+    close(s, _numpy_fold(test.feats, w, b, alpha, norm), 1e-4)
+  # more classes than max_classes: a RandomState(42) draw among classes with >= 3 samples
+  alpha, curve = _numpy_autofold(h, y, w, b, "weight",
+                                 np.unique(y)[np.random.RandomState(42).choice(C, 2,
+                                                                               replace=False)])
+  _, _, state = run("autofold", ctx_val, test, max_classes=2)
+  assert float(state["alpha"]) == pytest.approx(alpha, abs=1e-6)
+  close(state["calib_auroc_A"], curve, 1e-6)
+
+
+def test_autofold_calibration_split(cnn):
+  ctx, test, w, b = cnn
+  tr = ctx.train
+  # no id_val on this Context: "auto" falls back to the labelled train split
+  assert getattr(ctx, "id_val", None) is None
+  alpha, _ = _numpy_autofold(tr.feats, tr.labels, w, b, "weight", np.unique(tr.labels))
+  _, _, state = run("autofold", ctx, test)
+  assert float(state["alpha"]) == pytest.approx(alpha, abs=1e-6)
+  # calib_max: a seeded subset of the samples
+  keep = np.sort(np.random.default_rng(42).choice(len(tr.feats), 40, replace=False))
+  alpha, _ = _numpy_autofold(tr.feats[keep], tr.labels[keep], w, b, "weight",
+                             np.unique(tr.labels[keep]))
+  _, _, state = run("autofold", ctx, test, calib_max=40)
+  assert float(state["alpha"]) == pytest.approx(alpha, abs=1e-6)
+  with pytest.raises(DetectorError, match="id_val"):
+    make_detector("autofold", calib="id_val").fit(ctx)
 
 
 # ------------------------------------------------------------------ AdaSCALE

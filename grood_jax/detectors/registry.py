@@ -43,6 +43,7 @@ BUILTIN: dict[str, str] = {
     "tempscale": "grood_jax.detectors.tempscale",
     "adascale": "grood_jax.detectors.adascale",
     "fold": "grood_jax.detectors.fold",
+    "autofold": "grood_jax.detectors.fold",
 }
 
 REGISTRY: dict[str, type] = {}      # name -> class, for every detector imported so far

@@ -6,6 +6,7 @@ A results dict has this schema (all metrics are fractions in [0, 1]):
   {"schema_version": int,
    "benchmark": str, "checkpoint": str | list[str], "classifier_accuracy": float,
    "detectors": {NAME: {"params": {...}, "accuracy": float,
+                        "outlier_data": bool,   # uses real outlier data (ranked apart)
                         "ood": {SET: {"group": "near" | "far", "auroc", "aupr_in", "aupr_out",
                                       "fpr95", "fpr95_openood"}},
                         "near": {five metrics, unweighted means over the near sets},
@@ -50,7 +51,7 @@ from grood_jax.errors import OutputError
 from grood_jax.fileio import atomic_write, atomic_write_text
 from grood_jax.stats import GROUPS, METRICS, group_means, is_number
 
-SCHEMA_VERSION = 1          # of results.json (and scores.npz); raised when a field changes
+SCHEMA_VERSION = 2          # of results.json (and scores.npz); raised when a field changes
 FPR_LEGEND = ("FPR95 = classic FPR@95 (fraction of OOD accepted when 95% of ID is accepted); "
               "FPR95-OO = OpenOOD v1.5 FPR@95 (fraction of ID rejected when 95% of OOD is caught)")
 AUPR_LEGEND = ("AUPR-In: area under precision-recall with ID as the positive class; "
@@ -77,16 +78,38 @@ def _groups_of(det: Mapping) -> dict:
   return out
 
 
+def uses_outlier_data(results: Mapping, name: str) -> bool:
+  """Whether detector `name` of a results dict used real outlier data (its "outlier_data")."""
+  return bool(results["detectors"][name].get("outlier_data", False))
+
+
 def sorted_detectors(results: Mapping) -> list[str]:
-  """Detector names by near-OOD AUROC, descending (then far AUROC, then name)."""
+  """Detector names in two groups, as OpenOOD ranks them: first those that use no real outlier
+  data, then those that do; within each by near-OOD AUROC, descending (then far AUROC, name)."""
   def key(name):
     groups = _groups_of(results["detectors"][name])
     near = groups.get("near", {}).get("auroc")
     far = groups.get("far", {}).get("auroc")
     near = -math.inf if near is None or not math.isfinite(near) else float(near)
     far = -math.inf if far is None or not math.isfinite(far) else float(far)
-    return (-near, -far, name)
+    return (uses_outlier_data(results, name), -near, -far, name)
   return sorted(results.get("detectors", {}), key=key)
+
+
+def group_ranks(results: Mapping) -> dict[str, int]:
+  """{detector: rank by near-OOD AUROC within its group (no outlier data / outlier data)},
+  1 = best; the order of `sorted_detectors`."""
+  ranks, seen = {}, {False: 0, True: 0}
+  for name in sorted_detectors(results):
+    g = uses_outlier_data(results, name)
+    seen[g] += 1
+    ranks[name] = seen[g]
+  return ranks
+
+
+OUTLIER_LEGEND = ("Outliers = uses real outlier data (OpenOOD's \"Outlier_Data: Yes\": e.g. "
+                  "GROOD's oodval source, a GReg/GReg+ checkpoint); Rank = by near AUROC within "
+                  "its group (no / yes), ranked apart as OpenOOD does")
 
 
 def _pct(value, std=None) -> str:
@@ -113,13 +136,16 @@ def _checkpoint_text(results: Mapping) -> str:
 
 def _summary_rows(results: Mapping, openood: bool) -> tuple[list[str], list[list[str]]]:
   keys = ["auroc", "aupr_in", "aupr_out", "fpr95"] + (["fpr95_openood"] if openood else [])
-  header = ["Detector"] + [f"{g.capitalize()} {_HEADER_NAMES[k]}" for k in keys for g in GROUPS]
+  header = ["Detector", "Outliers", "Rank"]
+  header += [f"{g.capitalize()} {_HEADER_NAMES[k]}" for k in keys for g in GROUPS]
   header += ["Accuracy"]
   rows = []
+  ranks = group_ranks(results)
   for name in sorted_detectors(results):
     det = results["detectors"][name]
     g = _groups_of(det)
-    row = [name] + [_cell(g.get(group), k) for k in keys for group in GROUPS]
+    row = [name, "yes" if uses_outlier_data(results, name) else "no", str(ranks[name])]
+    row += [_cell(g.get(group), k) for k in keys for group in GROUPS]
     acc = det.get("accuracy")
     row += [_pct(acc, det.get("accuracy_std")) if acc is not None else "-"]
     rows.append(row)
@@ -202,9 +228,9 @@ def _param_rows(results: Mapping) -> tuple[list[str], list[list[str]]]:
   rows = []
   for name in sorted_detectors(results):
     det = results["detectors"][name]
-    base = name.split("[", 1)[0]
     how = ("--select" if name in results.get("selection", {}) else
-           "defaults / --param" if base == name else "authors' default")
+           "authors' default" if name.endswith("[default]") else
+           "the shipped OpenOOD config" if name.endswith("[openood]") else "defaults / --param")
     rows.append([name, _params_text(det.get("params", {})), how])
   return header, rows
 
@@ -251,7 +277,7 @@ def format_table(results: Mapping, openood_fpr: bool = False) -> str:
     lines.append(cl)
   lines += ["", _text_table(*_summary_rows(results, openood_fpr)), "",
             "Per OOD set:", _text_table(*_per_set_rows(results, openood_fpr)), "", FPR_LEGEND,
-            AUPR_LEGEND]
+            AUPR_LEGEND, OUTLIER_LEGEND]
   return "\n".join(lines) + "\n"
 
 
@@ -275,7 +301,7 @@ def to_markdown(results: Mapping) -> str:
   cl = _classifier_line(results)
   if cl:
     parts += [cl, ""]
-  parts += ["## Summary (sorted by near-OOD AUROC, %)", "",
+  parts += ["## Summary (no outlier data, then outlier data; each by near-OOD AUROC, %)", "",
             _md_table(*_summary_rows(results, True)), "",
             "## Per OOD set (%)", "", _md_table(*_per_set_rows(results, True)), "",
             "## Detector parameters", "", _md_table(*_param_rows(results)), ""]
@@ -290,7 +316,8 @@ def to_markdown(results: Mapping) -> str:
         rows[at] = [f"**{c}**" for c in rows[at]]
       parts += [f"### {_md_escape(name)}: grid ({len(rows)} points, chosen in bold)", "",
                 _md_table(header, rows), ""]
-  parts += [f"*{_md_escape(FPR_LEGEND)}*", "", f"*{_md_escape(AUPR_LEGEND)}*", ""]
+  parts += [f"*{_md_escape(FPR_LEGEND)}*", "", f"*{_md_escape(AUPR_LEGEND)}*", "",
+            f"*{_md_escape(OUTLIER_LEGEND)}*", ""]
   return "\n".join(parts)
 
 
@@ -328,8 +355,8 @@ CSV_FIELDS = ("detector", "set", "group", "metric", "value", "std")
 def csv_rows(results: Mapping) -> list[dict]:
   """The long-format rows of `to_csv` (value / std as floats, std None when absent).
 
-  Rows: the classifier accuracy (detector, set, group empty); each detector's accuracy (set,
-  group empty); each per-set metric (set = the OOD set, group = its group); each group mean
+  Rows: the classifier accuracy (detector, set, group empty); each detector's accuracy and
+  its outlier_data flag (1.0 = uses real outlier data; set, group empty); each per-set metric (set = the OOD set, group = its group); each group mean
   (set = "mean", group = "near" / "far").
   """
   rows = []
@@ -343,6 +370,8 @@ def csv_rows(results: Mapping) -> list[dict]:
     det = results["detectors"][name]
     if is_number(det.get("accuracy")):
       add(name, "", "", "accuracy", det["accuracy"], det.get("accuracy_std"))
+    if "outlier_data" in det:
+      add(name, "", "", "outlier_data", 1.0 if det["outlier_data"] else 0.0, None)
     for set_name, m in det.get("ood", {}).items():
       for k in METRICS:
         if k in m:
@@ -664,8 +693,10 @@ def to_html(results: Mapping, images: Iterable = (), provenance: Mapping | None 
     body.append(f"<p>{_e(cl)}</p>")
   body.append('<section id="summary">')
   body.append(_html_table(*_summary_rows(results, True),
-                          caption="Summary, sorted by near-OOD AUROC (%)"))
-  body.append(f'<p class="legend">{_e(FPR_LEGEND)}<br>{_e(AUPR_LEGEND)}</p></section>')
+                          caption="Summary: detectors without outlier data, then with; each group "
+                                  "sorted by near-OOD AUROC (%)"))
+  body.append(f'<p class="legend">{_e(FPR_LEGEND)}<br>{_e(AUPR_LEGEND)}<br>'
+              f'{_e(OUTLIER_LEGEND)}</p></section>')
   body.append('<section id="per-set">')
   body.append(_html_table(*_per_set_rows(results, True), caption="Per OOD set (%)"))
   body.append("</section>")

@@ -32,7 +32,7 @@ import sys
 import time
 import warnings
 import zipfile
-from typing import Callable, Protocol
+from typing import Callable
 
 import jax
 import numpy as np
@@ -45,6 +45,7 @@ from grood_jax import features as features_lib
 from grood_jax.features import extract
 from grood_jax.fileio import atomic_write
 from grood_jax.modelfns import ModelFns
+from grood_jax.progress import Bar, ProgressFn, no_progress  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -61,26 +62,6 @@ class ScoreOptions:
   data_options: object | None = None      # e.g. openood.Options, for load_benchmark(options=)
 
 
-class Bar(Protocol):
-  def update(self, n: int = 1) -> None: ...
-  def close(self) -> None: ...
-
-
-class _NoBar:
-  def update(self, n: int = 1) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
-def no_progress(desc: str, total: int, unit: str = "it") -> Bar:
-  """The default progress callback: shows nothing."""
-  del desc, total, unit
-  return _NoBar()
-
-
-ProgressFn = Callable[[str, int, str], Bar]
 
 
 def params_fingerprint(params) -> str:
@@ -220,7 +201,7 @@ def fit_and_score(det, ctx: Context, id_split: Split, ood_splits: list[tuple[str
   Returns (per-set metrics, {set: scores}, accuracy of the detector's own prediction, seconds).
   `bar` (optional) advances by one after the fit and after each scored split.
   """
-  bar = bar or _NoBar()
+  bar = bar or no_progress("", 0)
   t0 = time.time()
   state = det.fit(ctx)
   t_fit = time.time() - t0
@@ -342,6 +323,29 @@ def prepare_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, benchmarks: dict | 
   return Prepared(ckpt_dir, model, config, int(step), bench, ood_sets)
 
 
+def detector_rows(opts: ScoreOptions) -> list[str]:
+  """The detectors a run scores, in order: the requested ones and, with --select, for `grood`
+  (when its source is not fixed by --param) also `grood+oe` (selected the same way over
+  real-outlier sources) and `grood[openood]` (the reference's shipped setting), so that the
+  outlier-data variants are reported as their own rows, never mixed into `grood`'s selection."""
+  names = list(opts.detectors)
+  if opts.select and "grood" in names and "source" not in opts.detector_params.get("grood", {}):
+    at = names.index("grood") + 1
+    extra = [n for n in ("grood+oe", "grood[openood]") if n not in names]
+    names[at:at] = extra
+  return names
+
+
+def training_uses_outlier_data(config) -> bool:
+  """Whether the checkpoint was trained on real outliers (GReg / GReg+ losses): then every
+  detector on it belongs to the outlier-data group. False for configs without a loss."""
+  from grood_jax.training.losses import uses_outlier_data
+  try:
+    return bool(config is not None and "loss" in config and uses_outlier_data(config))
+  except (ValueError, KeyError, AttributeError):
+    return False
+
+
 def feature_dim(fns: ModelFns, image_shape) -> int:
   """The penultimate feature size of the model on images of `image_shape`, from shapes only
   (jax.eval_shape: nothing is computed)."""
@@ -357,7 +361,7 @@ def check_detectors(opts: ScoreOptions, *, num_train: int, num_classes: int,
   sizes (`Detector.check_data`, e.g. knn.k <= the bank): DetectorError before any work.
   Returns the detectors made with the user's parameters."""
   dets = []
-  for name in opts.detectors:
+  for name in detector_rows(opts):
     det = make_detector(name, **dict(opts.detector_params.get(name, {})))
     det.check_data(num_train=num_train, num_classes=num_classes, feature_dim=feature_dim)
     dets.append(det)
@@ -409,11 +413,15 @@ def score_prepared(prep: Prepared, opts: ScoreOptions, *,
     aux, sel = split_ood_val(bench.ood_val, opts.seed)
     aux_val, sel_val = cache.split(aux), cache.split(sel)
   noise = cache.split(bench.noise) if bench.noise is not None else None
-  id_val = cache.split(bench.id_val) if opts.select else None
+  names = detector_rows(opts)
+  # the labelled ID validation split: selection scores on it, and detectors that calibrate on ID
+  # data only (autofold, grood protos_from="id_val") take it as ctx.id_val
+  id_val = cache.split(bench.id_val) if bench.id_val is not None else None
   timing["features_s"] = time.time() - t0
 
   ctx = Context(fns=fns, params=params, mean=bench.mean, std=bench.std, train=train,
-                ood_val=aux_val, noise=noise, seed=opts.seed, batch_size=min(opts.batch_size, 256))
+                ood_val=aux_val, noise=noise, seed=opts.seed, batch_size=min(opts.batch_size, 256),
+                id_val=id_val, progress=progress)
   classifier_acc = float(metrics.accuracy(id_test.logits.argmax(-1), id_test.labels))
 
   results = {"benchmark": bench.name, "checkpoint": os.path.abspath(ckpt_dir),
@@ -422,11 +430,17 @@ def score_prepared(prep: Prepared, opts: ScoreOptions, *,
              "meta": {"seed": opts.seed, "num_train": len(train), "num_id_test": len(id_test),
                       "sets": {n: {"group": g, "size": len(s)} for g, n, s in ood_splits},
                       "model_fingerprint": cache.model_key}}
+  train_outliers = training_uses_outlier_data(prep.config)
+  results["meta"]["training_uses_outlier_data"] = train_outliers
   all_scores = {}
-  for name in opts.detectors:
+  for name in names:
     params_user = dict(opts.detector_params.get(name, {}))
+    if aux_val is None and make_detector(name, **params_user).uses_outlier_data():
+      log(f"{name}: left out — it uses real outlier data (an OOD validation set) and benchmark "
+          f"{bench.name!r} has none")
+      continue
     runs = [(name, params_user)]
-    if opts.select:
+    if opts.select and make_detector(name, **params_user).grid:  # no grid: nothing to select
       chosen, grid = select_params(name, params_user, ctx, id_val, sel_val, log, progress)
       results["selection"][name] = {"chosen": _jsonable(chosen), "grid": grid,
                                     "id_val": id_val.name, "ood_val": sel_val.name}
@@ -442,6 +456,7 @@ def score_prepared(prep: Prepared, opts: ScoreOptions, *,
       finally:
         bar.close()
       entry = {"params": _jsonable(det.params), "accuracy": acc, "ood": per_set,
+               "outlier_data": bool(det.uses_outlier_data() or train_outliers),
                **group_means(per_set)}
       results["detectors"][label] = entry
       timing[label] = det_timing

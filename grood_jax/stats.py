@@ -108,6 +108,8 @@ def aggregate_runs(runs: Sequence[Mapping]) -> dict:
   for name, det0 in first["detectors"].items():
     dets = [r["detectors"][name] for r in runs]
     agg = {"params": copy.deepcopy(det0.get("params", {}))}
+    if any("outlier_data" in d for d in dets):      # in the outlier group if any run is
+      agg["outlier_data"] = any(bool(d.get("outlier_data")) for d in dets)
     if any(d.get("params", {}) != det0.get("params", {}) for d in dets):
       agg["params_per_run"] = [copy.deepcopy(d.get("params", {})) for d in dets]
     if all(is_number(d.get("accuracy")) for d in dets):

@@ -216,7 +216,7 @@ def pi_ood_data(sd: Seed, chosen: dict) -> dict:
     state = det.fit(sd.ctx)
     per = {}
     for name, split in sets:
-      g = det._grads(state, det._feats(split), split.logits.argmax(-1))
+      g = det._grads(sd.ctx, state, det._feats(split), split.logits.argmax(-1), name)
       per[name] = (np.linalg.norm(g, axis=1) * float(p["tau"])).astype(np.float64)
     bank_pi = np.linalg.norm(state["bank"], axis=1) * float(p["tau"])
     out.append(dict(label=label, params=p, pi=per, bank=bank_pi))

@@ -296,7 +296,7 @@ def test_detector_variants_and_errors(tiny):
     make_detector("grood", source="testset")
   with pytest.raises(DetectorError):
     make_detector("grood", nope=1)
-  assert len(base.grid_points()) == 32
+  assert len(base.grid_points()) == 24          # 4 post-hoc sources x 3 tau x 2 normalize
 
 
 def np_grood_variant(ctx, split, *, wrt="ood", tau=1.0, normalize=False):

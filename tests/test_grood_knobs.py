@@ -364,4 +364,5 @@ def test_new_knobs_at_their_defaults_leave_the_default_numbers(tiny):
   explicit = make_detector("grood", layer="early", filter_ood=False, sampling_ratio=1.0,
                            protos_from="train", no_gradients=False, distance_loss=False)
   np.testing.assert_array_equal(explicit.score(ctx, explicit.fit(ctx), test), s0)
-  assert len(base.grid_points()) == 32
+  assert len(base.grid_points()) == 24
+  assert "oodval" not in {p["source"] for p in base.grid_points()}

@@ -237,6 +237,38 @@ def test_progress_bars_on_a_terminal(capsys, tmp_path, ckpt, monkeypatch):
   assert "features of train: 64 images" in err                     # log lines beside the bars
 
 
+def test_progress_inside_gradients_and_knn(capsys, tmp_path, ckpt, monkeypatch):
+  """GROOD's gradient batches and every kNN search (GROOD's bank, KNN's) show bars with counts."""
+  import re
+  import sys
+  from grood_jax.cli import score as cli
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+  monkeypatch.setattr(cli.Progress, "MININTERVAL", 0)
+  rc, _, err = _score(capsys, "--ckpt", ckpt, "--detectors", "grood,knn", "--param",
+                      "grood.n_ood=8", "--param", "knn.k=3", "--no-plots", "--out",
+                      tmp_path / "out")
+  assert rc == 0, err
+  bank = re.findall(r"grood gradients train \(bank\):.*?(\d+)/(\d+)", err)
+  assert bank and bank[-1][0] == bank[-1][1] and 0 < int(bank[-1][1]) <= 64
+  n_id = 32                                                 # the tiny benchmark's ID test set
+  assert re.search(rf"grood gradients test:.*{n_id}/{n_id}", err), err
+  assert re.search(rf"grood kNN test vs bank of {bank[-1][1]}:.*{n_id}/{n_id}", err), err
+  assert re.search(rf"knn test vs bank of 64:.*{n_id}/{n_id}", err), err
+
+
+def test_warning_lines_name_their_source(capsys):
+  import warnings
+  from grood_jax.cli.common import run_cli
+  def work():
+    warnings.warn_explicit("old API", DeprecationWarning, "/x/site-packages/pkg/mod.py", 12)
+    warnings.warn_explicit("cache unreadable", UserWarning, "/y/grood_jax/scoring.py", 3)
+    return 0
+  assert run_cli(work) == 0
+  err = capsys.readouterr().err.splitlines()
+  assert err == ["warning: old API [DeprecationWarning, pkg/mod.py:12]",
+                 "warning: cache unreadable"]
+
+
 def test_no_progress_off_process_zero(capsys, tmp_path, ckpt, monkeypatch):
   import jax
   monkeypatch.setattr(jax, "process_index", lambda: 1)

@@ -10,6 +10,7 @@ Exit status: 0 done, 2 bad input (`UserError`: one line `error: ...`, nothing wr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import warnings
@@ -24,10 +25,23 @@ def one_line(e: BaseException | str) -> str:
   return text or type(e).__name__
 
 
+def warning_line(message, category, filename, lineno) -> str:
+  """One line for a warning: our own (raised from grood_jax) as `warning: <message>`, any
+  other with where it comes from: `warning: <message> [DeprecationWarning, pkg/mod.py:12]`."""
+  text = f"warning: {one_line(message)}"
+  ours = os.sep + "grood_jax" + os.sep in os.path.abspath(str(filename))
+  if not ours:
+    parts = os.path.normpath(str(filename)).split(os.sep)
+    text += f" [{getattr(category, '__name__', category)}, {'/'.join(parts[-2:])}:{lineno}]"
+  return text
+
+
 def show_warning(message, category, filename, lineno, file=None, line=None):
-  """`warnings.showwarning` replacement: `warning: <message>` on one line of stderr."""
-  del category, filename, lineno, file, line
-  print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+  """`warnings.showwarning` replacement: `warning_line` on stderr, written through tqdm so
+  that it never lands inside a progress bar."""
+  del file, line
+  from tqdm import tqdm
+  tqdm.write(warning_line(message, category, filename, lineno), file=sys.stderr)
 
 
 def error(message: str) -> None:

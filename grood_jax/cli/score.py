@@ -214,7 +214,7 @@ class Progress:
     self.bars = self.lines and sys.stderr.isatty()
 
   def __call__(self, desc: str, total: int, unit: str = "it"):
-    from grood_jax.scoring import no_progress
+    from grood_jax.progress import no_progress
     if not self.bars:
       return no_progress(desc, total, unit)
     from tqdm import tqdm

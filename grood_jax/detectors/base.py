@@ -52,6 +52,8 @@ class Context:
   seed: int = 0
   batch_size: int = 256
   cache: dict = dataclasses.field(default_factory=dict)
+  id_val: Split | None = None        # labelled ID validation split (never a test set), if any
+  progress: Any = None               # a grood_jax.progress.ProgressFn; None shows nothing
 
   @classmethod
   def from_arrays(cls, model, x_train, y_train=None, *, mean=0.0, std=1.0, x_ood_val=None,
@@ -99,6 +101,12 @@ class Context:
     f = extract(self.fns, self.params, images, mean=self.mean, std=self.std,
                 batch_size=self.batch_size)
     return Split(name=name, feats=f.feats, logits=f.logits, images=images, labels=labels)
+
+  def bar(self, desc: str, total: int, unit: str = "it"):
+    """A progress bar from this context's `progress` callback (a no-op bar without one):
+    detectors pass its `update` to the batched loops (gradients, kNN query blocks)."""
+    from grood_jax.progress import no_progress
+    return (self.progress or no_progress)(desc, total, unit)
 
   def early_of(self, split: Split) -> np.ndarray:
     """Flattened early features of a split, computed once and kept on the split."""

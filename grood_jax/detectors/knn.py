@@ -37,7 +37,11 @@ class KNN(Detector):
     n = len(state["bank_NxD"])
     if not 1 <= k <= n:
       raise DetectorError(f"knn: k={k} needs 1 <= k <= the number of train features ({n})")
-    d, _ = ops.knn_search(ops.l2_normalize(ops.as_np32(split.feats)),
-                              state["bank_NxD"], k, query_block=int(self.params["query_block"]),
-                              bank_block=int(self.params["bank_block"]))
+    bar = ctx.bar(f"knn {split.name} vs bank of {n}", len(split.feats), "query")
+    try:
+      d, _ = ops.knn_search(ops.l2_normalize(ops.as_np32(split.feats)), state["bank_NxD"], k,
+                            query_block=int(self.params["query_block"]),
+                            bank_block=int(self.params["bank_block"]), progress=bar.update)
+    finally:
+      bar.close()
     return ops.as_np32(-np.sqrt(d[:, k - 1]))

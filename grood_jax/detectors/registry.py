@@ -19,6 +19,8 @@ from grood_jax.errors import DetectorError
 # name -> module that registers it (imported on first use)
 BUILTIN: dict[str, str] = {
     "grood": "grood_jax.detectors.grood",
+    "grood+oe": "grood_jax.detectors.grood",
+    "grood[openood]": "grood_jax.detectors.grood",
     "msp": "grood_jax.detectors.msp",
     "maxlogit": "grood_jax.detectors.maxlogit",
     "energy": "grood_jax.detectors.energy",

@@ -170,11 +170,12 @@ def default_batch_size(num_protos: int, dim: int, max_elems: int = 1 << 24) -> i
 
 def batched_grads(feats_NxD, class_protos_CxD, ood_proto_D, targets_N, *, wrt="ood", tau=1.0,
                   method="autodiff", batch_size: int | None = None,
-                  loss: str = "ncp") -> np.ndarray:
+                  loss: str = "ncp", progress=None) -> np.ndarray:
   """Per-sample gradients of N samples in fixed-size padded batches: numpy float32 (N, D).
 
   Every batch has the same shape, so the jitted gradient compiles once. loss="distance": the
-  reference's distance_loss (see the module docstring).
+  reference's distance_loss (see the module docstring). `progress(n)` is called after each
+  batch with its number of samples.
   """
   _check(wrt, method, loss)
   if not isinstance(feats_NxD, Rows):                  # a Rows subset is read batch by batch
@@ -187,7 +188,7 @@ def batched_grads(feats_NxD, class_protos_CxD, ood_proto_D, targets_N, *, wrt="o
   ood = jnp.asarray(ood_proto_D, jnp.float32)
   fn = _prototype_grads if method == "autodiff" else _closed_form
   return map_arrays(lambda h, t: fn(h, protos, ood, t, jnp.float32(tau), wrt=wrt, kind=loss),
-                    feats_NxD, targets_N,
+                    feats_NxD, targets_N, progress=progress,
                     batch_size=batch_size or default_batch_size(protos.shape[0] + 1, d))
 
 

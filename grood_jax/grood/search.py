@@ -21,15 +21,18 @@ SCORE_KINDS = ("knn", "l1norm")
 
 
 def bank_scores(grads_QxD, bank_NxD, *, k: int = 1, metric: str = "l2",
-                query_block: int = 1024, bank_block: int = 4096) -> np.ndarray:
-  """-(distance to the k-th nearest bank gradient): numpy float32 (Q,), higher = more ID."""
+                query_block: int = 1024, bank_block: int = 4096,
+                progress=None) -> np.ndarray:
+  """-(distance to the k-th nearest bank gradient): numpy float32 (Q,), higher = more ID.
+  `progress(n)` is called after each query block with the queries done."""
   if metric not in METRICS:
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
   grads_QxD = np.asarray(grads_QxD, np.float32)
   bank_NxD = np.asarray(bank_NxD, np.float32)
   if metric == "cosine":
     grads_QxD, bank_NxD = np.asarray(l2_normalize(grads_QxD)), np.asarray(l2_normalize(bank_NxD))
-  d_QxK, _ = knn_search(grads_QxD, bank_NxD, k, query_block=query_block, bank_block=bank_block)
+  d_QxK, _ = knn_search(grads_QxD, bank_NxD, k, query_block=query_block, bank_block=bank_block,
+                        progress=progress)
   d_Q = np.asarray(d_QxK)[:, k - 1]
   if metric == "cosine":
     d_Q = d_Q / 2.0                                  # ||a - b||^2 / 2 = 1 - cos on unit rows
@@ -43,11 +46,13 @@ def l1_scores(grads_QxD) -> np.ndarray:
 
 def gradient_scores(grads_QxD, bank_NxD, *, score_kind: str = "knn", k: int = 1,
                     metric: str = "l2", query_block: int = 1024,
-                    bank_block: int = 4096) -> np.ndarray:
+                    bank_block: int = 4096, progress=None) -> np.ndarray:
   """The GROOD score of query gradients, by score_kind (see the module docstring)."""
   if score_kind == "l1norm":
+    if progress is not None:
+      progress(len(grads_QxD))
     return l1_scores(grads_QxD)
   if score_kind != "knn":
     raise ValueError(f"score_kind must be one of {SCORE_KINDS}, got {score_kind!r}")
   return bank_scores(grads_QxD, bank_NxD, k=k, metric=metric, query_block=query_block,
-                     bank_block=bank_block)
+                     bank_block=bank_block, progress=progress)

@@ -17,6 +17,7 @@ merged by a final top-k, so the result equals the single-device one.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -178,6 +179,16 @@ def _rerank(q_QxD: np.ndarray, bank_NxD: np.ndarray, idx_QxJ: np.ndarray, k: int
   return dists, idx
 
 
+def padded_query_block(query_block: int, q_total: int) -> int:
+  """The query rows of one search step: `query_block`, or for fewer queries than that the
+  next power of two >= q_total (at least 8), so that sets of nearby sizes share one
+  compilation instead of one each."""
+  qb = max(1, int(query_block))
+  if q_total < qb:
+    qb = min(qb, max(8, 1 << max(0, int(q_total) - 1).bit_length()))
+  return qb
+
+
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   if x.shape[0] == rows:
     return x
@@ -186,7 +197,8 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
                bank_block: int | None = None, memory_budget: int | None = None,
-               exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               exact: bool = True,
+               progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Exact k nearest bank rows of every query under the squared L2 distance.
 
   Returns (dists_sq_QxK ascending, idx_QxK) as numpy float32 / int32. Equal distances are
@@ -200,14 +212,17 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
   sum_j (q_j - b_j)^2 (candidate rows gathered from the host bank in steps bounded by the same
   budget), so the returned distances are direct ones and near-ties are ordered as sklearn
   orders them; `exact=False` returns the expansion's top k. The bank is put on the device once,
-  block by block (one copy); one compilation per (block shapes, k).
+  block by block (one copy); one compilation per (block shapes, k): a query set smaller than
+  the query block is padded up to a power of two (`padded_query_block`), so sets of different
+  sizes share compilations. `progress(n)` is called with the number of queries done after each
+  query block.
   Raises DetectorError (a ValueError) unless 1 <= k <= N. Inside `parallel.data_parallel`
   with several devices the bank is split over them (`sharded_knn_search`, same result).
   """
   if parallel.active_mesh() is not None:          # several devices: the bank is sharded
     return sharded_knn_search(queries_QxD, bank_NxD, k, parallel.active_mesh(),
                               query_block=query_block, bank_block=bank_block,
-                              memory_budget=memory_budget, exact=exact)
+                              memory_budget=memory_budget, exact=exact, progress=progress)
   queries_QxD = np.asarray(queries_QxD, np.float32)
   bank_NxD = np.asarray(bank_NxD, np.float32)
   if queries_QxD.ndim != 2 or bank_NxD.ndim != 2 or queries_QxD.shape[1] != bank_NxD.shape[1]:
@@ -222,13 +237,14 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
   budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
   kc = k + rerank_margin(k, n) if exact else k       # candidates kept by the block search
   if query_block is None or bank_block is None:
-    auto_qb, auto_bb = block_sizes_for_budget(q_total, n, bank_NxD.shape[1], kc, budget)
+    auto_qb, auto_bb = block_sizes_for_budget(padded_query_block(_MAX_QUERY_BLOCK, q_total),
+                                              n, bank_NxD.shape[1], kc, budget)
     query_block = auto_qb if query_block is None else query_block
     bank_block = auto_bb if bank_block is None else bank_block
   bb = max(1, int(bank_block))
   if bb > n:                          # one block: pad only up to a whole chunk, if at all
     bb = n if n < _CHUNK or bb % _CHUNK else -(-n // _CHUNK) * _CHUNK
-  qb = max(1, min(int(query_block), q_total))
+  qb = padded_query_block(query_block, q_total)
   blocks = []
   for start in range(0, n, bb):
     b = jnp.asarray(_pad_rows(bank_NxD[start:start + bb], bb))
@@ -245,6 +261,8 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
       best_d, best_i = _knn_merge_block(qa, qsq, ba, offset, best_d, best_i, k=kc)
     dists[start:stop] = np.asarray(best_d)[:stop - start]
     idx[start:stop] = np.asarray(best_i)[:stop - start]
+    if progress is not None:
+      progress(stop - start)
   if not exact:
     return dists, idx
   return _rerank(queries_QxD, bank_NxD, idx, k,
@@ -333,8 +351,9 @@ class ShardedBank:
 
 def sharded_knn_search(queries_QxD, bank, k: int, mesh, *, axis: str | None = None,
                        query_block: int | None = None, bank_block: int | None = None,
-                       memory_budget: int | None = None,
-                       exact: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                       memory_budget: int | None = None, exact: bool = True,
+                       progress: Callable[[int], None] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
   """Exact k nearest bank rows over a device mesh; same contract as `knn_search`.
 
   `bank` is an (N, D) array or a `ShardedBank` from `shard_bank` (reuse it across calls).
@@ -369,8 +388,9 @@ def sharded_knn_search(queries_QxD, bank, k: int, mesh, *, axis: str | None = No
   kc = k + rerank_margin(k, bank.n) if exact else k
   budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
   if query_block is None:
-    query_block, _ = block_sizes_for_budget(q_total, bank.bank_block, bank.dim, kc, budget)
-  qb = max(1, min(int(query_block), q_total))
+    query_block, _ = block_sizes_for_budget(padded_query_block(_MAX_QUERY_BLOCK, q_total),
+                                            bank.bank_block, bank.dim, kc, budget)
+  qb = padded_query_block(query_block, q_total)
   fn = _sharded_search_fn(bank.mesh, bank.axis, kc, bank.bank_block, bank.n_blocks)
   repl = NamedSharding(bank.mesh, P())
   dists = np.empty((q_total, kc), np.float32)
@@ -382,6 +402,8 @@ def sharded_knn_search(queries_QxD, bank, k: int, mesh, *, axis: str | None = No
     best_d, best_i = fn(qa, qsq, bank.aug_RxA)
     dists[start:stop] = np.asarray(best_d)[:stop - start]
     idx[start:stop] = np.asarray(best_i)[:stop - start]
+    if progress is not None:
+      progress(stop - start)
   if not exact:
     return dists, idx
   return _rerank(queries_QxD, bank.host_NxD, idx, k, _rerank_rows(qb, kc, bank.dim, budget))

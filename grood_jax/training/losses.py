@@ -195,6 +195,12 @@ def make_aux_selector(config) -> Callable | None:
   return select
 
 
+def uses_outlier_data(config) -> bool:
+  """Whether training with this config sees real (auxiliary) outlier data: GReg and GReg+ do,
+  so every detector scored on such a checkpoint belongs to the outlier-data group."""
+  return getattr(make_loss(config), "aux_mode", None) is not None
+
+
 def aux_loader_batch_size(config) -> int:
   """Images per step the auxiliary loader yields: the aux batch, or the pool for "pool"."""
   mode = getattr(make_loss(config), "aux_mode", None)

@@ -74,12 +74,25 @@ def _pure(state) -> dict:
   return _str_keys(nnx.to_pure_dict(state))
 
 
+def _default_device():
+  """The device new arrays land on (`jax.default_device` when set, else the first device)."""
+  d = jax.config.jax_default_device
+  if d is None:
+    return jax.devices()[0]
+  return jax.devices(d)[0] if isinstance(d, str) else d
+
+
 def _abstract(tree):
-  """Concrete arrays -> ShapeDtypeStructs carrying the same sharding (the restore target)."""
+  """Arrays or ShapeDtypeStructs -> ShapeDtypeStructs carrying the same sharding (the restore
+  target); a leaf without one (an abstract model's) gets the current default device."""
+  default = []
+
   def one(x):
     sharding = getattr(x, "sharding", None)
     if sharding is None:
-      sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      if not default:
+        default.append(jax.sharding.SingleDeviceSharding(_default_device()))
+      sharding = default[0]
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
   return jax.tree.map(one, tree)
 
@@ -333,12 +346,26 @@ def _config_dict(tree: dict, step_dir: str) -> ml_collections.ConfigDict:
     raise _not_ours(step_dir, f"its 'config' cannot be read ({_first_line(e)})") from e
 
 
+# jax's errors for a constructor that needs concrete values (all TypeErrors)
+_UNTRACEABLE = (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+
+
+def abstract_model(make) -> nnx.Module:
+  """`make()` (a function building an NNX module) run abstractly (`nnx.eval_shape`): the
+  module with ShapeDtypeStructs for its arrays, nothing initialised or compiled; the target
+  a checkpoint is restored into."""
+  return nnx.eval_shape(make)
+
+
 def load_model(ckpt_dir, step: int | None = None
                ) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
   """Rebuilds the model from a checkpoint: (model in eval mode, config, step).
 
   `ckpt_dir` is a training work directory or its `checkpoints` directory. The newest readable
-  step is used unless `step` is given. Arrays land on the current default device.
+  step is used unless `step` is given. Arrays land on the current default device. The model
+  is built abstractly (`nnx.eval_shape`: no random initialisation, nothing compiled) and the
+  saved arrays are restored into it.
   """
   from grood_jax.models import build_model   # local import: models do not depend on us
 
@@ -351,9 +378,15 @@ def load_model(ckpt_dir, step: int | None = None
     m = meta.get("model") or {}
     if not m.get("name"):
       raise CheckpointError(f"checkpoint in {root} does not name its model")
-    try:
+
+    def make():
       return build_model(m["name"], num_classes=int(m["num_classes"]),
                          in_channels=int(m["in_channels"]), seed=0, **(m.get("kwargs") or {}))
+    try:
+      try:
+        return abstract_model(make)
+      except _UNTRACEABLE:
+        return make()          # a model whose constructor needs concrete values: build it
     except (ValueError, TypeError, KeyError) as e:
       raise CheckpointError(f"cannot rebuild model {m['name']!r} from {root}: "
                             f"{_first_line(e)}") from e
@@ -361,8 +394,7 @@ def load_model(ckpt_dir, step: int | None = None
   def read(s):
     # Two reads: the meta says which model to build, the model is the restore target.
     meta = _read_step(root, s, {})["meta"]
-    model = build(meta)
-    state = nnx.state(model)
+    graphdef, state = nnx.split(build(meta))
     out = _read_step(root, s, {"model": ocp.args.StandardRestore(_abstract(_pure(state))),
                                "config": ocp.args.JsonRestore()})
     try:
@@ -370,7 +402,12 @@ def load_model(ckpt_dir, step: int | None = None
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(f"checkpoint step {s} in {root} does not match model "
                             f"{meta['model']['name']!r}: {_first_line(e)}") from e
-    nnx.update(model, state)
+    missing = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]
+               if isinstance(x, jax.ShapeDtypeStruct)]
+    if missing:
+      raise CheckpointError(f"checkpoint step {s} in {root} does not match model "
+                            f"{meta['model']['name']!r}: no saved value for {missing[0]}")
+    model = nnx.merge(graphdef, state)
     model.eval()
     return model, _config_dict(out["config"], os.path.join(root, str(s)))
 

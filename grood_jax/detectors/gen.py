@@ -7,12 +7,12 @@ clipped to the number of classes C at fit / score time, or "half" (C // 2) or "a
 default M = 100 is the authors' (their code's and OpenOOD's default, gamma = 0.1, M = 100):
 it resolves to M = C = 10 on CIFAR-10, M = C = 100 on CIFAR-100 (our choice for CIFAR-100: the
 same default, i.e. all classes) and M = 100 of 1000 on ImageNet-1K; M = min(100, C) in general.
-The grid uses the relative forms so that it fits any C.
+The grid uses the relative forms so that it fits any C. gamma and M are traced (one compilation
+per logits shape for the whole grid): the probabilities after the M largest are set to 0,
+whose term 0^gamma (1 - 0)^gamma is 0 (gamma > 0), and the sum runs over all C.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +22,17 @@ from grood_jax import ops
 from grood_jax.detectors.base import Detector, DetectorError, Param, register
 
 
-@functools.partial(jax.jit, static_argnames=("m",))
+@jax.jit
+def _gen_scores(logits_NxC, gamma, m):
+  c = logits_NxC.shape[1]
+  p_NxC, _ = jax.lax.top_k(jax.nn.softmax(logits_NxC, axis=-1), c)
+  p_NxC = jnp.where(jnp.arange(c)[None, :] < m, p_NxC, 0.0)   # a zeroed p adds 0^g 1^g = 0
+  return -jnp.sum(p_NxC ** gamma * (1.0 - p_NxC) ** gamma, axis=-1)
+
+
 def gen_scores(logits_NxC, gamma, *, m):
-  p_NxM, _ = jax.lax.top_k(jax.nn.softmax(logits_NxC, axis=-1), m)
-  return -jnp.sum(p_NxM ** gamma * (1.0 - p_NxM) ** gamma, axis=-1)
+  """-sum over the m largest p of p^gamma (1-p)^gamma (N,); gamma and m are traced."""
+  return _gen_scores(logits_NxC, gamma, np.int32(m))
 
 
 def resolve_m(m, num_classes: int) -> int:

@@ -9,12 +9,12 @@ detection enhancement"): ASH's rescaling without its pruning.
 p = 85 (the percentile of the authors' OpenOOD config; their sweep 65..95 is the grid). The
 pruning only serves to compute s2: the original, unpruned h is scaled. Applied to the pooled
 penultimate feature h (as the authors' ResNet code: the pooled feature viewed as (B, D, 1, 1)).
-A sample with s2 = 0 (all-zero features) gets scale exp(0) = 1.
+A sample with s2 = 0 (all-zero features) gets scale exp(0) = 1. k is a traced argument (one
+compilation per feature shape for the whole grid): s2 sums the k largest over a length-D row
+with the others zeroed (may differ from a length-k sum in the last bit).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,18 +30,29 @@ def kept_count(dim: int, percentile: float) -> int:
   return max(1, dim - int(np.round(dim * percentile / 100.0)))
 
 
-@functools.partial(jax.jit, static_argnames=("keep",))
-def scale_factor(h_NxD, *, keep):
-  """s1 / s2 per row (N,): the sum over the sum of the `keep` largest elements."""
+@jax.jit
+def _scale_factor(h_NxD, keep):
+  d = h_NxD.shape[1]
   s1 = jnp.sum(h_NxD, axis=1)
-  s2 = jnp.sum(jax.lax.top_k(h_NxD, keep)[0], axis=1)
+  top_NxD = jax.lax.top_k(h_NxD, d)[0]
+  s2 = jnp.sum(jnp.where(jnp.arange(d)[None, :] < keep, top_NxD, 0.0), axis=1)
   return s1 / jnp.where(s2 != 0, s2, 1.0)
 
 
-@functools.partial(jax.jit, static_argnames=("keep",))
-def scale_scores(h_NxD, w_CxD, b_C, *, keep):
-  r_N = scale_factor(h_NxD, keep=keep)
+def scale_factor(h_NxD, *, keep):
+  """s1 / s2 per row (N,): the sum over the sum of the `keep` largest elements (traced)."""
+  return _scale_factor(h_NxD, np.int32(keep))
+
+
+@jax.jit
+def _scale_scores(h_NxD, w_CxD, b_C, keep):
+  r_N = _scale_factor(h_NxD, keep)
   return ops.energy_score(ops.affine(h_NxD * jnp.exp(r_N)[:, None], w_CxD, b_C))
+
+
+def scale_scores(h_NxD, w_CxD, b_C, *, keep):
+  """logsumexp(W (h exp(s1 / s2)) + b) (N,); `keep` is traced (one compilation per shape)."""
+  return _scale_scores(h_NxD, w_CxD, b_C, np.int32(keep))
 
 
 @register

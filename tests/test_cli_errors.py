@@ -333,7 +333,7 @@ def test_same_checkpoint_and_seed_give_byte_identical_results(capsys, tmp_path, 
 
 def _train(*args):
   return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+                        cwd=ROOT, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("config, extra, match", [

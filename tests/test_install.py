@@ -33,8 +33,8 @@ def installed(tmp_path_factory):
   return site, env, work
 
 
-def _run(args, env, cwd, timeout=600):
-  return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def _run(args, env, cwd):
+  return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True)
 
 
 def test_console_scripts_run_from_the_installed_package(installed):

@@ -8,7 +8,6 @@ are cut down (monkeypatched) so that the run takes seconds.
 
 import json
 
-import numpy as np
 import pytest
 
 from test_cli_errors import _save, _score

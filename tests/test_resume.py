@@ -47,24 +47,26 @@ def _start(workdir, *extra) -> subprocess.Popen:
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(p: subprocess.Popen, timeout=300) -> tuple[int, str, str]:
-  out, err = p.communicate(timeout=timeout)
+def _finish(p: subprocess.Popen) -> tuple[int, str, str]:
+  out, err = p.communicate()        # no wall-clock limit: the run ends after its fixed steps
   return p.returncode, out, err
 
 
-def _wait_for_step(p: subprocess.Popen, workdir, min_step: int, timeout=240) -> None:
-  """Polls until a finalised checkpoint step >= min_step exists (or the process ended)."""
+def _wait_for_step(p: subprocess.Popen, workdir, min_step: int) -> None:
+  """Polls until a finalised checkpoint step >= min_step exists, or fails once the process has
+  ended without one. No wall-clock deadline (a loaded machine is only slower): the training
+  run has a fixed number of steps, so one of the two always happens."""
   root = os.path.join(workdir, "checkpoints")
-  deadline = time.time() + timeout
-  while time.time() < deadline:
+  while True:
     if os.path.isdir(root) and any(d.isdigit() and int(d) >= min_step for d in os.listdir(root)):
       return
     if p.poll() is not None:
+      if os.path.isdir(root) and any(d.isdigit() and int(d) >= min_step
+                                     for d in os.listdir(root)):
+        return
       _, err = p.communicate()
       pytest.fail(f"train.py ended (status {p.returncode}) before step {min_step}:\n{err}")
     time.sleep(0.01)
-  p.kill()
-  pytest.fail(f"no checkpoint step >= {min_step} within {timeout}s")
 
 
 def _params(workdir):

@@ -220,7 +220,7 @@ def test_sigkill_mid_write_leaves_the_old_report_whole(capsys, tmp_path, ckpt):
   assert _score(capsys, *argv)[0] == 0
   before = _contents(out)
   code = _KILLER.format(tests=os.path.join(ROOT, "tests"), argv=argv + ["--seed", "4"])
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                      cwd=ROOT)
   assert r.returncode == -9, r.stderr
   assert _contents(out) == before                            # not a file of the killed run

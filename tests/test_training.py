@@ -210,7 +210,7 @@ def test_cli_rejects_unknown_override(tmp_path):
   out = subprocess.run(
       [sys.executable, "train.py", "--config", "configs/fashion_mnist_cnn.py:smoke",
        "--workdir", str(tmp_path), "--config.foo=1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=60)
+      cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 2
   assert "unknown config field 'foo'" in out.stderr and "Traceback" not in out.stderr
 

@@ -134,8 +134,10 @@ def _checkpoint_text(results: Mapping) -> str:
   return str(c)
 
 
-def _summary_rows(results: Mapping, openood: bool) -> tuple[list[str], list[list[str]]]:
-  keys = ["auroc", "aupr_in", "aupr_out", "fpr95"] + (["fpr95_openood"] if openood else [])
+def _summary_rows(results: Mapping, openood: bool,
+                  keys: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+  if keys is None:
+    keys = ["auroc", "aupr_in", "aupr_out", "fpr95"] + (["fpr95_openood"] if openood else [])
   header = ["Detector", "Outliers", "Rank"]
   header += [f"{g.capitalize()} {_HEADER_NAMES[k]}" for k in keys for g in GROUPS]
   header += ["Accuracy"]
@@ -249,7 +251,7 @@ def _text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _numeric_column(name: str) -> bool:
-  return any(t in name for t in ("AUROC", "FPR95", "Accuracy", "AUPR", "size"))
+  return any(t in name for t in ("AUROC", "FPR95", "Accuracy", "AUPR", "size", "Rank"))
 
 
 def _title(results: Mapping) -> str:
@@ -292,6 +294,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
          "| " + " | ".join(align) + " |"]
   out += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
   return "\n".join(out)
+
+
+def summary_markdown(results: Mapping, keys=("auroc", "fpr95", "fpr95_openood")) -> str:
+  """The summary table alone in Markdown (the two outlier-data groups, each ranked), with the
+  metrics `keys` for near and far: e.g. for a README."""
+  return _md_table(*_summary_rows(results, True, list(keys)))
 
 
 def to_markdown(results: Mapping) -> str:

@@ -146,3 +146,48 @@ def metrics_from_scores(scores_id, scores_ood) -> dict[str, float]:
   """The five OOD metrics (grood_jax.metrics.ood_metrics) of ID scores against OOD scores,
   e.g. re-computed from scores.npz: equal to the ones in results.json for the same run."""
   return _metrics.ood_metrics(np.asarray(scores_id, np.float64), np.asarray(scores_ood, np.float64))
+
+
+def _fingerprints(results: Mapping) -> list:
+  metas = results.get("meta_per_run") or [results.get("meta") or {}]
+  return [m.get("model_fingerprint") for m in metas]
+
+
+def merge_results(parts: Sequence[Mapping]) -> dict:
+  """One results dict from several runs on the SAME checkpoints (e.g. one `--detectors` run per
+  group of detectors): detector rows (and their selection) of later parts replace those of
+  earlier parts with the same name. The parts must share the benchmark and the checkpoints'
+  model fingerprints (meta / meta_per_run "model_fingerprint", in order) — paths may differ,
+  the parameters may not; ValueError otherwise. The result keeps the first part's top level
+  and lists every part's detectors under "merged_from"."""
+  parts = list(parts)
+  if not parts:
+    raise ValueError("merge_results needs at least one results dict")
+  first = parts[0]
+  fp0 = _fingerprints(first)
+  if any(f is None for f in fp0):
+    raise ValueError("merge_results: part 0 has no model fingerprints (meta.model_fingerprint)")
+  out = copy.deepcopy(dict(first))
+  out["detectors"] = {}
+  out.pop("selection", None)
+  out.pop("selection_per_run", None)
+  selection: dict = {}
+  merged_from = []
+  for i, r in enumerate(parts):
+    if r.get("benchmark") != first.get("benchmark"):
+      raise ValueError(f"part {i} is benchmark {r.get('benchmark')!r}, part 0 is "
+                       f"{first.get('benchmark')!r}")
+    if _fingerprints(r) != fp0:
+      raise ValueError(f"part {i} was scored on other checkpoints (model fingerprints "
+                       f"{_fingerprints(r)} vs {fp0})")
+    for name, det in r["detectors"].items():
+      out["detectors"][name] = copy.deepcopy(det)
+      selection.pop(name, None)
+    for name, sel in (r.get("selection") or {}).items():
+      selection[name] = copy.deepcopy(sel)
+    merged_from.append({"checkpoint": r.get("checkpoint"), "detectors": list(r["detectors"])})
+  if selection:
+    out["selection"] = selection
+  out["merged_from"] = merged_from
+  return out
+

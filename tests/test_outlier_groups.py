@@ -100,3 +100,39 @@ def test_select_reports_outlier_rows_apart(capsys, tmp_path, ckpt, monkeypatch):
   near = {n: dets[n]["near"]["auroc"] for n in dets}
   yes = [r[0] for r in summary if r[1] == "yes"]
   assert yes == sorted(yes, key=lambda n: -near[n])
+
+
+def _part(fps, rows, bench="b"):
+  return {"benchmark": bench, "checkpoint": ["x"], "meta_per_run": [{"model_fingerprint": f}
+                                                                    for f in fps],
+          "detectors": {n: {"params": p, "near": {"auroc": a}, "far": {"auroc": a}, "ood": {}}
+                        for n, (p, a) in rows.items()},
+          "selection": {n: {"chosen": p} for n, (p, a) in rows.items()}}
+
+
+def test_merge_results_same_checkpoints_later_rows_win(tmp_path):
+  import importlib.util
+  import os
+  from grood_jax import stats
+  a = _part(["f0", "f1"], {"msp": ({}, 0.6), "grood": ({"source": "oodval"}, 0.8)})
+  b = _part(["f0", "f1"], {"grood": ({"source": "noise"}, 0.7),
+                           "grood[openood]": ({"source": "oodval"}, 0.75)})
+  m = stats.merge_results([a, b])
+  assert list(m["detectors"]) == ["msp", "grood", "grood[openood]"]
+  assert m["detectors"]["grood"]["near"]["auroc"] == 0.7
+  assert m["selection"]["grood"]["chosen"] == {"source": "noise"}
+  with pytest.raises(ValueError, match="other checkpoints"):
+    stats.merge_results([a, _part(["f0", "f9"], {"knn": ({}, 0.5)})])
+  with pytest.raises(ValueError, match="benchmark"):
+    stats.merge_results([a, _part(["f0", "f1"], {"knn": ({}, 0.5)}, bench="c")])
+  # the script fills the flags of pre-schema-2 rows from the detector settings
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("merge_results",
+                                                os.path.join(root, "scripts", "merge_results.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  for part in (a, b):
+    mod.fill_outlier_flags(part)
+  assert a["detectors"]["grood"]["outlier_data"] and not a["detectors"]["msp"]["outlier_data"]
+  assert not b["detectors"]["grood"]["outlier_data"]
+  assert b["detectors"]["grood[openood]"]["outlier_data"]

@@ -136,3 +136,14 @@ def test_merge_results_same_checkpoints_later_rows_win(tmp_path):
   assert a["detectors"]["grood"]["outlier_data"] and not a["detectors"]["msp"]["outlier_data"]
   assert not b["detectors"]["grood"]["outlier_data"]
   assert b["detectors"]["grood[openood]"]["outlier_data"]
+
+
+def test_harness_passes_the_id_val_split(capsys, tmp_path, ckpt):
+  """score.py gives detectors the benchmark's labelled ID validation split as ctx.id_val:
+  tempscale T=nll fits on it (a DetectorError without it) and autofold calibrates on it."""
+  out = tmp_path / "out"
+  rc, _, err = _score(capsys, "--ckpt", ckpt, "--detectors", "tempscale,msp", "--param",
+                      "tempscale.T=nll", "--no-plots", "--quiet", "--out", out)
+  assert rc == 0, err
+  res = json.load(open(out / "results.json"))
+  assert res["detectors"]["tempscale"]["params"]["T"] == "nll"

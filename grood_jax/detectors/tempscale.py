@@ -5,8 +5,8 @@
 T (param `T`): a number > 0, or "nll": the T that minimises the mean negative log-likelihood
   NLL(T) = mean_i [logsumexp(f_i / T) - f_{i, y_i} / T]
 of an ID *validation* split with labels (as Guo et al. and OpenOOD's temp_scaling, which fits
-it with L-BFGS from T = 1.5). Our Context carries no ID validation split today, so "nll" reads
-`ctx.id_val` (a labelled `Split`, if the harness sets one) and otherwise raises DetectorError;
+it with L-BFGS from T = 1.5). "nll" reads `ctx.id_val` (a labelled `Split`: score.py sets it
+to the benchmark's ID validation split) and raises DetectorError when a Context has none;
 it never fits T on the training split (train logits are over-confident, their NLL-optimal T is
 biased low). The default is a fixed T = 1.5 (OpenOOD's starting value, a choice of ours), and
 --select picks T from the grid on the OOD validation split. `fit_temperature` is exposed for

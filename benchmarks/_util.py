@@ -23,14 +23,20 @@ def optional(name: str):
     return None
 
 
-def machine() -> dict:
-  import jax
+def cpu_name() -> str:
+  """The CPU as the machine reports it (/proc/cpuinfo `model name`), else platform's guess."""
   cpu = platform.processor()
   try:
     with open("/proc/cpuinfo") as f:
       cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
   except OSError:
     pass
+  return cpu or "unknown"
+
+
+def machine() -> dict:
+  import jax
+  cpu = cpu_name()
   mem_gib = None
   try:
     import psutil
@@ -46,6 +52,79 @@ def machine() -> dict:
           "jax_backend": jax.default_backend(),
           "jax_devices": [str(d) for d in jax.devices()], "versions": versions,
           "load_avg_at_start": os.getloadavg()}
+
+
+# ----------------------------------------------------------------------------- run conditions
+
+LOADED_PER_CORE = 2.0      # a 1-minute load average above 2 per core flags the run as loaded
+
+
+def set_torch_threads(n: int | None = 1) -> int | None:
+  """Sets torch's intra-op thread count (n = 0: as many as JAX's CPU pool, the core count);
+  returns the count torch then reports, or None when torch is not installed."""
+  torch = optional("torch")
+  if torch is None:
+    return None
+  torch.set_num_threads(max(1, n if n else (os.cpu_count() or 1)))
+  return torch.get_num_threads()
+
+
+class Conditions:
+  """What a benchmark ran under: the CPU as it reports itself, the core count, torch's thread
+  count and the 1-minute load average at start and end. A run whose load (start or end)
+  exceeds LOADED_PER_CORE per core is flagged: printed as LOADED and recorded as
+  payload["loaded"] = True (its figures are not to be quoted as idle figures).
+
+    cond = _util.Conditions(torch_threads=_util.set_torch_threads(1))   # at the start
+    ...
+    _util.finish(payload, cond)                                          # before saving
+  """
+
+  def __init__(self, torch_threads: int | None = None, note: str | None = None):
+    import datetime
+    self.started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    self.cpu = cpu_name()
+    self.cores = os.cpu_count() or 1
+    self.torch_threads = torch_threads
+    self.note = note
+    self.load_start = os.getloadavg()[0]
+    print(self.line(), flush=True)
+
+  def line(self, load_end: float | None = None) -> str:
+    torch_t = "torch not used/installed" if self.torch_threads is None else \
+        f"torch threads {self.torch_threads}"
+    load = f"load (1 min) {self.load_start:.2f} at start"
+    if load_end is not None:
+      load += f", {load_end:.2f} at end"
+    limit = LOADED_PER_CORE * self.cores
+    flag = ""
+    worst = max(self.load_start, load_end if load_end is not None else 0.0)
+    if worst > limit:
+      flag = f"  ** LOADED: above {limit:g} (= {LOADED_PER_CORE:g} per core); not idle figures **"
+    return f"machine: {self.cpu}, {self.cores} cores, {torch_t}; {load}{flag}"
+
+  def finish(self) -> dict:
+    import datetime
+    load_end = os.getloadavg()[0]
+    limit = LOADED_PER_CORE * self.cores
+    out = {"cpu": self.cpu, "cores": self.cores, "torch_threads": self.torch_threads,
+           "started": self.started,
+           "ended": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "load_1min_start": self.load_start, "load_1min_end": load_end,
+           "loaded_threshold": limit,
+           "loaded": bool(max(self.load_start, load_end) > limit)}
+    if self.note:
+      out["note"] = self.note
+    print(self.line(load_end), flush=True)
+    return out
+
+
+def finish(payload: dict, cond: Conditions) -> dict:
+  """Adds the run conditions (payload["conditions"], payload["loaded"]) and prints them."""
+  c = cond.finish()
+  payload["conditions"] = c
+  payload["loaded"] = c["loaded"]
+  return payload
 
 
 def timed(fn, reps: int = 3, warmup: int = 1) -> float:

@@ -94,11 +94,13 @@ def main():
   ap.add_argument("--out", default=None)
   ap.add_argument("--subset", type=int, default=200, help="samples timed in the Python loops")
   ap.add_argument("--reps", type=int, default=1)
+  ap.add_argument("--torch-threads", type=int, default=1,
+                  help="torch intra-op threads (0: the core count, as JAX's CPU pool)")
   args = ap.parse_args()
+  cond = _util.Conditions(torch_threads=_util.set_torch_threads(args.torch_threads))
   torch = _util.optional("torch")
   if torch is not None:
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
   from grood_jax.grood.loss import default_batch_size
   grid = ([(2000, 64, 10), (1000, 64, 100)] if args.quick else
           [(n, d, c) for n in (10_000, 50_000) for d in (128, 512, 2048) for c in (10, 100)])
@@ -132,6 +134,7 @@ def main():
   cols = ["N", "D", "C", "ours_autodiff_s", "ours_closed_s", "jax_loop_s", "torch_loop_s",
           "torch_vmap_s", "jax_loop/ours", "torch_loop/ours", "torch_vmap/ours"]
   print(_util.table(rows, cols))
+  _util.finish(payload, cond)
   path = _util.save(NAME, payload, args.out)
   plot(rows, _util.plot_path(NAME, args.out))
   print(f"wrote {path}")

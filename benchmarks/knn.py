@@ -98,11 +98,13 @@ def main():
     print(json.dumps(worker(json.loads(args.worker))))
     return
 
+  faiss = _util.optional("faiss")
+  cond = _util.Conditions(torch_threads=None, note=None if faiss is None else
+                          f"faiss OpenMP threads {os.cpu_count() or 1}")
   if args.quick:
     n_query, dim, banks, reps = 200, 64, [2_000, 10_000], args.reps or 1
   else:
     n_query, dim, banks, reps = 10_000, 512, [10_000, 100_000, 1_000_000], args.reps or 2
-  faiss = _util.optional("faiss")
   if faiss is not None:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
   from grood_jax.ops import knn_search
@@ -157,6 +159,10 @@ def main():
   print(_util.table(rows, ["N", "ours_s", "faiss_flat_s", "ours/faiss_flat", "faiss_ivf_s",
                            "faiss_ivf_recall@1", "ours_peak_rss_gib", "faiss_flat_peak_rss_gib",
                            "faiss_ivf_peak_rss_gib", "bank_gib"]))
+  for r in rows:
+    if "ours/faiss_flat" in r:
+      print(f"N={r['N']}: ours / faiss IndexFlatL2 = {r['ours/faiss_flat']:.2f}")
+  _util.finish(payload, cond)
   path = _util.save(NAME, payload, args.out)
   plot(rows, _util.plot_path(NAME, args.out))
   print(f"wrote {path}")

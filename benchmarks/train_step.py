@@ -83,6 +83,7 @@ def main():
   if args.worker:
     print(json.dumps(worker(json.loads(args.worker))))
     return
+  cond = _util.Conditions(torch_threads=None)
   steps, batch, width = (3, 16, 8) if args.quick else (50, 128, 32)
   rows = []
   for n in args.devices:
@@ -100,6 +101,7 @@ def main():
              "steps_timed": steps, "rows": rows}
   print(_util.table(rows, ["devices", "batch", "dp_steps_per_s", "library_steps_per_s",
                            "rel_to_first"]))
+  _util.finish(payload, cond)
   path = _util.save(NAME, payload, args.out)
   import matplotlib
   matplotlib.use("Agg")

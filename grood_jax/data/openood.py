@@ -37,11 +37,17 @@ side (PIL bilinear, as torchvision does on PIL images) to 32 (CIFAR) or 256 (Ima
 crop to 32 / 224; images are then stored as uint8 and normalised per channel with the
 benchmark's mean/std at feature-extraction time.
 
-Memory: sets are decoded into uint8 arrays (the `ImageSet` container), 3 KiB per CIFAR
-image and 147 KiB per ImageNet image: CIFAR-10 in full ≈ 0.5 GB; ImageNet-1K test (45k) ≈
-6.6 GB, its train list (1.28M) ≈ 190 GB. Use `max_train` / `max_per_set` (seeded random
-subsets chosen before any decoding) for ImageNet-scale runs, e.g. `Options(max_train=50_000,
-max_per_set=10_000)`. Decoding runs in a thread pool.
+Memory: decoded images take 3 KiB per CIFAR image and 147 KiB per ImageNet image (CIFAR-10
+in full ≈ 0.5 GB; ImageNet-1K test (45k) ≈ 6.6 GB, its train list (1.28M) ≈ 190 GB). Every
+set is read through a grain pipeline (`streaming.StreamedImages`: `workers` decode threads,
+prefetch); a set whose decoded size reaches `streaming.STREAM_MIN_BYTES` (1 GiB) is streamed:
+kept as the file list and decoded batch by batch on every read, so host memory holds the
+prefetch window and one batch, never the set (`Options(stream=True)` streams every set,
+`stream=False` decodes every set into memory). Smaller sets are decoded whole into uint8
+arrays, as before. Every listed file is checked to exist before any decoding (one DataError
+naming the first missing file). `max_train` / `max_per_set` (seeded random subsets chosen
+before any decoding) still shorten ImageNet-scale runs, e.g. `Options(max_train=50_000,
+max_per_set=10_000)`.
 
 Loading options travel as a frozen `Options` value, never a module-wide setting:
 
@@ -63,7 +69,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from grood_jax.data import tfds_sources
+from grood_jax.data import streaming, tfds_sources
 from grood_jax.data.base import Benchmark, DataError, ImageSet, OODSet
 from grood_jax.data.benchmarks import split_train_val
 from grood_jax.data.paths import data_roots
@@ -120,9 +126,12 @@ class Options:
   max_train: int | None = None     # cap on the ID training set
   allow_missing: bool = False      # drop absent OOD / OOD-val sets with one warning
   workers: int = 8                 # decoding threads
+  stream: bool | None = None       # None: stream sets of >= streaming.STREAM_MIN_BYTES
 
   def __post_init__(self):
     _check_options(self.source, self.max_per_set, self.max_train)
+    if self.stream not in (None, True, False):
+      raise DataError(f"stream must be None, True or False, got {self.stream!r}")
     if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
       raise DataError(f"workers must be a positive integer, got {self.workers!r}")
 
@@ -227,10 +236,21 @@ def _decode_one(path: str, pre_size: int, size: int) -> np.ndarray:
     raise DataError(f"image {path} is unreadable ({e})") from e
 
 
+def check_files_exist(files: list[str], *, workers: int = 8, what: str = "an OpenOOD image "
+                      "list") -> None:
+  """One DataError naming the first of `files` that is not a file (stat calls in threads)."""
+  with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
+    for path, ok in zip(files, pool.map(os.path.isfile, files, chunksize=256)):
+      if not ok:
+        raise DataError(f"image {path} is missing (listed in {what})")
+
+
 def load_imglist(data_root: str, imglist: str, images_dir: str, *, name: str, pre_size: int,
                  size: int, labels: bool, max_n: int | None = None, seed: int = 0,
-                 workers: int = 8) -> ImageSet:
-  """Reads one OpenOOD image list (relative to data_root) into an ImageSet (decoded in threads)."""
+                 workers: int = 8, stream: bool | None = None) -> ImageSet:
+  """Reads one OpenOOD image list (relative to data_root) into an ImageSet: decoded through a
+  grain pipeline of `workers` threads, whole into memory or, when `streaming.should_stream`
+  (large sets, or stream=True), kept lazy (`streaming.StreamedImages` over the file list)."""
   list_path = os.path.join(data_root, imglist)
   if not os.path.isfile(list_path):
     raise DataError(f"{name}: OpenOOD image list {list_path} not found (expected OpenOOD "
@@ -238,11 +258,12 @@ def load_imglist(data_root: str, imglist: str, images_dir: str, *, name: str, pr
   rel, y = read_imglist(list_path)
   idx = _subset_idx(len(rel), max_n, seed, name)
   files = [os.path.join(data_root, images_dir, rel[i]) for i in idx]
-  images = np.empty((len(files), size, size, 3), np.uint8)
+  check_files_exist(files, workers=workers)
   decode = functools.partial(_decode_one, pre_size=pre_size, size=size)
-  with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
-    for i, arr in enumerate(pool.map(decode, files)):
-      images[i] = arr
+  images = streaming.StreamedImages(files, decode, (size, size, 3), num_threads=workers,
+                                    name=name)
+  if not streaming.should_stream(stream, len(files), images.image_shape):
+    images = images.materialize()
   return ImageSet(name, images, y[idx] if labels else None)
 
 
@@ -270,8 +291,9 @@ class _Loader:
   """Loads the sets of one benchmark from the OpenOOD folder and/or tfds."""
 
   def __init__(self, bench: str, spec: Spec, *, source, data_root, tfds_data_dir, max_per_set,
-               max_train, seed, workers):
+               max_train, seed, workers, stream=None):
     self.bench, self.spec, self.source, self.root = bench, spec, source, data_root
+    self.stream = stream
     self.tfds_data_dir, self.max_per_set, self.max_train = tfds_data_dir, max_per_set, max_train
     self.seed, self.workers = seed, workers
     self.preprocess = _array_preprocess(spec.pre_size, spec.size)
@@ -286,7 +308,7 @@ class _Loader:
     return load_imglist(self.root, self.imglist(kind, set_name),
                         images_dir or self.spec.images_dir, name=name,
                         pre_size=self.spec.pre_size, size=self.spec.size, labels=labels,
-                        max_n=cap, seed=self.seed, workers=self.workers)
+                        max_n=cap, seed=self.seed, workers=self.workers, stream=self.stream)
 
   def _cap(self, cap):
     caps = [c for c in (cap, self.max_per_set) if c is not None]
@@ -298,7 +320,8 @@ class _Loader:
       dataset, splits = tfds_sources.TFDS_SETS[set_name]
       return tfds_sources.load_tfds(dataset, splits, name=name, preprocess=self.preprocess,
                                     max_n=self._cap(None), seed=self.seed, labels=False,
-                                    data_dir=self.tfds_data_dir)
+                                    data_dir=self.tfds_data_dir, stream=self.stream,
+                                    workers=self.workers)
     return self._openood(kind, set_name, name=name, labels=False, cap=self._cap(None),
                          images_dir=images_dir)
 
@@ -322,11 +345,13 @@ class _Loader:
       cap_train = self._cap(self.max_train)
       full = tfds_sources.load_tfds(dataset, [train_split], name=b, preprocess=self.preprocess,
                                     max_n=cap_train, seed=self.seed,
-                                    data_dir=self.tfds_data_dir)
+                                    data_dir=self.tfds_data_dir, stream=self.stream,
+                                    workers=self.workers)
       train, val = split_train_val(self._check_labels(full), val_fraction, self.seed)
       test = tfds_sources.load_tfds(dataset, [test_split], name=f"{b}_test",
                                     preprocess=self.preprocess, max_n=self._cap(None),
-                                    seed=self.seed, data_dir=self.tfds_data_dir)
+                                    seed=self.seed, data_dir=self.tfds_data_dir,
+                                    stream=self.stream, workers=self.workers)
       return train, val, self._check_labels(test)
     train = self._openood("train", oid, name=f"{b}_train", labels=True,
                           cap=self._cap(self.max_train))
@@ -338,12 +363,14 @@ class _Loader:
 def load_openood_benchmark(name: str, *, source: str = "openood", data_root=None, data_dir=None,
                            tfds_data_dir=None, seed: int = 0, val_fraction: float = 1 / 12,
                            max_per_set: int | None = None, max_train: int | None = None,
-                           allow_missing: bool = False, workers: int = 8) -> Benchmark:
+                           allow_missing: bool = False, workers: int = 8,
+                           stream: bool | None = None) -> Benchmark:
   """Builds an OpenOOD v1.5 benchmark (see the module docstring for sources and layout).
 
   `val_fraction` only applies to source "tfds" (the ID val split is carved from train); the
   OpenOOD folder has its own val list. A missing set raises DataError naming the image list or
   tfds dataset expected (with `allow_missing`, absent OOD sets are dropped with a warning).
+  `stream`: see `Options.stream` (None: sets of >= streaming.STREAM_MIN_BYTES are streamed).
   """
   if name not in SPECS:
     raise DataError(f"unknown OpenOOD benchmark {name!r}; choose from {sorted(SPECS)}")
@@ -351,7 +378,7 @@ def load_openood_benchmark(name: str, *, source: str = "openood", data_root=None
   spec = SPECS[name]
   loader = _Loader(name, spec, source=source, data_root=find_data_root(data_root, data_dir),
                    tfds_data_dir=tfds_data_dir, max_per_set=max_per_set, max_train=max_train,
-                   seed=seed, workers=workers)
+                   seed=seed, workers=workers, stream=stream)
   id_train, id_val, id_test = loader.id_sets(val_fraction)
 
   dropped: list[tuple[str, str]] = []
@@ -404,7 +431,7 @@ def _build(name: str, *, data_dir=None, seed: int = 0, val_fraction: float = 1 /
                                 tfds_data_dir=o.tfds_data_dir, seed=seed,
                                 val_fraction=val_fraction, max_per_set=o.max_per_set,
                                 max_train=o.max_train, allow_missing=o.allow_missing,
-                                workers=o.workers)
+                                workers=o.workers, stream=o.stream)
 
 
 # the builders benchmarks.LAZY names ("grood_jax.data.openood:cifar10", ...)

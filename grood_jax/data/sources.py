@@ -6,10 +6,16 @@ size or channel count are converted explicitly, never broadcast:
 - channels: RGB -> grey by luminance (0.299 R + 0.587 G + 0.114 B, ITU-R BT.601, rounded);
   grey -> RGB by repeating the channel; RGBA / grey+alpha drop the alpha channel first;
 - size: PIL bilinear resize to (H, W), which low-pass filters (antialiases) when shrinking.
+
+Image folders of at least `streaming.STREAM_MIN_BYTES` decoded bytes (or any with stream=True)
+are streamed: `streaming.StreamedImages` over the file list, each file read and converted on
+every read in grain threads, never held whole (see streaming.py for the memory bound).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import os
 import warnings
 import zipfile
@@ -18,6 +24,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
+from grood_jax.data import streaming
 from grood_jax.data.base import DataError, ImageSet
 
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
@@ -152,10 +159,34 @@ def _read_image(path: str) -> np.ndarray:
   return array[..., None] if array.ndim == 2 else array
 
 
-def load_folder(root: str, *, name: str | None = None, image_shape=(28, 28, 1)) -> ImageSet:
+def _readable_header(path: str) -> bool:
+  """True when PIL recognises the file's header (nothing decoded)."""
+  try:
+    with Image.open(path):
+      return True
+  except (OSError, ValueError, Image.DecompressionBombError):
+    return False
+
+
+def _decode_file(path: str, *, image_shape, name: str) -> np.ndarray:
+  """One file of a streamed folder -> uint8 `image_shape` (a DataError naming it if it fails)."""
+  try:
+    image = _read_image(path)
+  except FileNotFoundError:
+    raise DataError(f"{name}: image {path} is missing (it was listed when the folder was "
+                    "opened)") from None
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise DataError(f"{name}: image {path} is unreadable ({e})") from e
+  return conform(image[None], image_shape, name)[0]
+
+
+def load_folder(root: str, *, name: str | None = None, image_shape=(28, 28, 1),
+                stream: bool | None = None, workers: int = 8) -> ImageSet:
   """One sub-folder per class (label = index in sorted order), or image files directly in
   `root` (then unlabelled). Each image is read with PIL and converted to `image_shape` on its
-  own, so sizes may differ. Unreadable files are skipped with a warning."""
+  own, so sizes may differ. Unreadable files are skipped with a warning (a streamed folder,
+  `stream` / `streaming.should_stream`, skips files whose header PIL does not recognise, checked
+  up front in `workers` threads; a file that fails later to decode is a DataError naming it)."""
   name = name or os.path.basename(os.path.normpath(root))
   if not os.path.isdir(root):
     raise DataError(f"{name}: no such folder {root}")
@@ -168,6 +199,9 @@ def load_folder(root: str, *, name: str | None = None, image_shape=(28, 28, 1)) 
   else:
     entries = [(os.path.join(root, f), -1) for f in visible
                if os.path.isfile(os.path.join(root, f))]
+  if streaming.should_stream(stream, len(entries), tuple(image_shape)):
+    return _streamed_folder(entries, root=root, name=name, image_shape=tuple(image_shape),
+                            labelled=bool(classes), workers=workers)
   images, labels, skipped = [], [], []
   for path, label in entries:
     try:
@@ -187,19 +221,38 @@ def load_folder(root: str, *, name: str | None = None, image_shape=(28, 28, 1)) 
   return ImageSet(name, np.stack(images), labels_arr)
 
 
+def _streamed_folder(entries, *, root, name, image_shape, labelled, workers) -> ImageSet:
+  with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
+    ok = list(pool.map(_readable_header, [p for p, _ in entries], chunksize=64))
+  skipped = [p for (p, _), good in zip(entries, ok) if not good]
+  entries = [e for e, good in zip(entries, ok) if good]
+  if skipped:
+    warnings.warn(f"{name}: skipped {len(skipped)} unreadable file(s), first {skipped[0]}",
+                  stacklevel=3)
+  if not entries:
+    raise DataError(f"{name}: no readable images in {root}; expected one sub-folder of images "
+                    "per class")
+  decode = functools.partial(_decode_file, image_shape=image_shape, name=name)
+  images = streaming.StreamedImages([p for p, _ in entries], decode, image_shape,
+                                    num_threads=workers, name=name)
+  labels = np.asarray([lab for _, lab in entries], np.int32) if labelled else None
+  return ImageSet(name, images, labels)
+
+
 def load_source(spec: str, *, name: str | None = None, image_shape=(28, 28, 1), seed: int = 0,
-                data_dir=None) -> ImageSet:
+                data_dir=None, stream: bool | None = None) -> ImageSet:
   """`npz:PATH`, `folder:DIR`, or a generated name (`letters`, `textures`, ...; also `gen:NAME`).
 
   `seed` is passed to generated sets. See the module docstring for the conversion to
-  `image_shape`.
+  `image_shape`; `stream` is passed to image folders (None: streamed when large).
   """
   from grood_jax.data import generated   # generated sets import this module's helpers
   kind, sep, rest = spec.partition(":")
   if sep and kind == "npz":
     return load_npz(os.path.expanduser(rest), name=name, image_shape=image_shape)
   if sep and kind == "folder":
-    return load_folder(os.path.expanduser(rest), name=name, image_shape=image_shape)
+    return load_folder(os.path.expanduser(rest), name=name, image_shape=image_shape,
+                       stream=stream)
   gen_name = rest if (sep and kind == "gen") else spec
   if gen_name in generated.GENERATED:
     data = generated.make(gen_name, seed=seed, data_dir=data_dir)

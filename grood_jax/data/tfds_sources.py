@@ -4,6 +4,11 @@ The dataset must already be prepared in the tfds data directory (`tfds_data_dir`
 `$TFDS_DATA_DIR` or ~/tensorflow_datasets) in the array_record format; nothing is downloaded
 here. Records are read in chunks and every image goes through the caller's `preprocess`
 (uint8 HxWxC -> uint8 array of the benchmark's shape), so only the result is kept in memory.
+A set whose preprocessed size reaches `streaming.STREAM_MIN_BYTES` (or any set with
+stream=True) is not kept at all: its images are a `streaming.StreamedImages` over the record
+ids, read from the data source (random access) and preprocessed in grain threads on every read;
+labels are read up front in one pass over the records (tfds decodes each image in that pass:
+its partial decoding needs TensorFlow).
 
 OpenOOD v1.5 sets that tfds has (the others only come from OpenOOD's image lists):
 
@@ -18,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from grood_jax.data import streaming
 from grood_jax.data.base import DataError, ImageSet
 
 # OpenOOD set name -> (tfds name, splits read for an OOD / test set)
@@ -62,13 +68,54 @@ def _read(src, ids: list[int]) -> list:
   return [src[i] for i in ids]
 
 
+def _image(rec, name: str, dataset: str) -> np.ndarray:
+  if "image" not in rec:
+    raise DataError(f"{name}: tfds {dataset!r} records have no 'image' feature "
+                    f"(features: {sorted(rec)})")
+  img = np.asarray(rec["image"])
+  return img[..., None] if img.ndim == 2 else img
+
+
+class _RecordImage:
+  """decode((split, record id)) -> the preprocessed image (a `StreamedImages` decode fn)."""
+
+  def __init__(self, sources, preprocess, name, dataset):
+    self.sources, self.preprocess, self.name, self.dataset = sources, preprocess, name, dataset
+
+  def __call__(self, item) -> np.ndarray:
+    si, i = int(item[0]), int(item[1])
+    return self.preprocess(_image(self.sources[si][i], self.name, self.dataset))
+
+
+def _streamed(sources, index, shape, *, name, dataset, preprocess, labels, label_map,
+              workers) -> ImageSet:
+  y = None
+  if labels:
+    ys = []
+    for start in range(0, len(index), _CHUNK):   # index is sorted by split: order kept
+      chunk = index[start:start + _CHUNK]
+      for si in sorted({si for si, _ in chunk}):
+        recs = _read(sources[si], [i for s, i in chunk if s == si])
+        ys.extend(int(r["label"]) if "label" in r else -1 for r in recs)
+    y = np.asarray(ys, np.int32)
+    if label_map is not None:
+      y = label_map(y)
+  ids = np.asarray(index, np.int64).reshape(-1, 2)     # (split, record id) rows, compact
+  images = streaming.StreamedImages(ids, _RecordImage(sources, preprocess, name, dataset),
+                                    shape, num_threads=workers, name=name)
+  return ImageSet(name, images, y)
+
+
 def load_tfds(dataset: str, splits: Sequence[str], *, name: str,
               preprocess: Callable[[np.ndarray], np.ndarray], max_n: int | None = None,
               seed: int = 0, labels: bool = True, data_dir=None,
-              label_map: Callable[[np.ndarray], np.ndarray] | None = None) -> ImageSet:
+              label_map: Callable[[np.ndarray], np.ndarray] | None = None,
+              stream: bool | None = None, workers: int = 8) -> ImageSet:
   """Reads `splits` of a tfds dataset (concatenated) into an ImageSet of preprocessed images.
 
   `max_n`: keep a seeded random subset of at most that many records (chosen before decoding).
+  `stream`: None streams sets of >= streaming.STREAM_MIN_BYTES (module docstring), True every
+  set, False none; `workers` decode threads of a streamed set.
   """
   sources = [_source(dataset, s, data_dir) for s in splits]
   index = [(si, i) for si, src in enumerate(sources) for i in range(len(src))]
@@ -78,6 +125,10 @@ def load_tfds(dataset: str, splits: Sequence[str], *, name: str,
     rng = np.random.default_rng([seed, 0x7fd5, len(index)])
     keep = np.sort(rng.choice(len(index), size=int(max_n), replace=False))
     index = [index[k] for k in keep]
+  first = preprocess(_image(sources[index[0][0]][index[0][1]], name, dataset))
+  if streaming.should_stream(stream, len(index), first.shape):
+    return _streamed(sources, index, first.shape, name=name, dataset=dataset,
+                     preprocess=preprocess, labels=labels, label_map=label_map, workers=workers)
   images, ys = None, []
   for start in range(0, len(index), _CHUNK):
     chunk = index[start:start + _CHUNK]
@@ -86,13 +137,7 @@ def load_tfds(dataset: str, splits: Sequence[str], *, name: str,
       src = sources[si]
       records = _read(src, ids)
       for rec in records:
-        if "image" not in rec:
-          raise DataError(f"{name}: tfds {dataset!r} records have no 'image' feature "
-                          f"(features: {sorted(rec)})")
-        img = np.asarray(rec["image"])
-        if img.ndim == 2:
-          img = img[..., None]
-        out = preprocess(img)
+        out = preprocess(_image(rec, name, dataset))
         if images is None:
           images = np.empty((len(index),) + out.shape, np.uint8)
         images[len(ys)] = out

@@ -1,10 +1,11 @@
 """One leaderboard from several score.py runs on the same checkpoints.
 
   python scripts/merge_results.py results/fashion_mnist_6v4/results.json \
-      results/new_detectors_6v4/results.json ... --drop grood --out results/leaderboard_6v4
+      results/new_detectors_6v4/results.json ... --out results/leaderboard_6v4
 
-Later files replace the rows of earlier ones with the same detector name (`--drop NAME` removes
-a row of the earlier files, e.g. one measured under an older definition). Rows of results.json
+Later files replace the rows of earlier ones with the same detector name (a row re-measured
+under a newer definition simply comes in a later file); `--drop NAME` leaves a row out of the
+leaderboard altogether. Rows of results.json
 files written before schema 2 carry no `outlier_data`: it is filled in from the detector
 setting (`uses_outlier_data()` of the registered detector with the row's parameters; labels
 such as `grood[default]` name the detector before the bracket) or from a checkpoint trained on
@@ -42,7 +43,7 @@ def fill_outlier_flags(results: dict) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("inputs", nargs="+", help="results.json files, later ones win")
-  p.add_argument("--drop", action="append", default=[], help="a row of the inputs to leave out")
+  p.add_argument("--drop", action="append", default=[], help="a detector row to leave out (of every input)")
   p.add_argument("--out", required=True, help="directory for the merged results")
   args = p.parse_args(argv)
   parts = []

@@ -366,3 +366,55 @@ def test_new_knobs_at_their_defaults_leave_the_default_numbers(tiny):
   np.testing.assert_array_equal(explicit.score(ctx, explicit.fit(ctx), test), s0)
   assert len(base.grid_points()) == 24
   assert "oodval" not in {p["source"] for p in base.grid_points()}
+
+
+# -- fused per-chunk scoring (issue 18) --------------------------------------------------------
+
+def test_fused_scoring_never_holds_a_whole_set_of_gradients(tiny, monkeypatch):
+  """score() goes gradients -> kNN chunk by chunk against a bank placed once: the same scores
+  as a whole-set gradient array searched at once, with no gradient call over more than one
+  chunk and the bank put on the device once."""
+  import grood_jax.detectors.grood as gmod
+  from grood_jax.grood import search as gsearch
+  from grood_jax.grood.loss import batched_grads
+  from grood_jax.ops import knn_search
+  ctx, test = tiny
+  for p in (dict(source="protomean"), dict(source="protomean", metric="cosine", k=3)):
+    det = make_detector("grood", **p)
+    st = det.fit(ctx)
+    g_all = batched_grads(test.feats, st["class_protos"], st["ood_proto"],
+                          test.logits.argmax(-1), method="closed_form")
+    bank = st["bank"]
+    if p.get("metric") == "cosine":
+      norm = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-30)
+      g_all, bank = norm(g_all), norm(bank)
+    d, _ = knn_search(g_all, bank, int(det.params["k"]))
+    want = -d[:, -1] / (2.0 if p.get("metric") == "cosine" else 1.0)
+    rows, placed = [], []
+    real_grads, real_place = gmod._loss.batched_grads, gsearch.place_bank
+    monkeypatch.setattr(gmod, "SCORE_CHUNK", 7)
+    monkeypatch.setattr(gmod._loss, "batched_grads",
+                        lambda f, *a, **kw: rows.append(len(f)) or real_grads(f, *a, **kw))
+    monkeypatch.setattr(gsearch, "place_bank",
+                        lambda *a, **kw: placed.append(1) or real_place(*a, **kw))
+    got = det.score(ctx, st, test)
+    monkeypatch.undo()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert rows == [7, 7, 7, 4] and placed == [1], (rows, placed)
+
+
+def test_a_placed_bank_gives_the_same_search():
+  from grood_jax.ops import DeviceBank, knn_search, put_bank
+  rng = np.random.default_rng(0)
+  bank = rng.normal(size=(300, 5)).astype(np.float32)
+  q = rng.normal(size=(40, 5)).astype(np.float32)
+  placed = put_bank(bank, 4, bank_block=64)
+  assert isinstance(placed, DeviceBank) and len(placed) == 300
+  d0, i0 = knn_search(q, bank, 4)
+  for chunk in (q[:13], q[13:]):                       # reused across query chunks
+    d, i = knn_search(chunk, placed, 4)
+    ref = ((chunk[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(i, np.argsort(ref, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(d, np.sort(ref, axis=1)[:, :4], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.concatenate([knn_search(q[:13], placed, 4)[1],
+                                                knn_search(q[13:], placed, 4)[1]]), i0)

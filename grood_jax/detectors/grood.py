@@ -47,6 +47,10 @@ from grood_jax.grood import prototypes as _protos
 from grood_jax.grood import search as _search
 
 
+SCORE_CHUNK = 16384        # scored samples per fused gradient -> kNN step (host memory bound:
+                           # SCORE_CHUNK x D float32 gradients, 64 MiB at D = 1024)
+
+
 @register
 class GROOD(Detector):
   name = "grood"
@@ -144,7 +148,10 @@ class GROOD(Detector):
     n = len(train)
     m = max(1, int(np.ceil(ratio * n)))
     idx = np.sort(np.random.default_rng(ctx.seed).choice(n, size=m, replace=False))
-    pick = lambda a: None if a is None else np.asarray(a)[idx]
+    def pick(a):           # a streamed image set stays lazy (its subset); arrays are indexed
+      if a is None:
+        return None
+      return a.subset(idx) if hasattr(a, "subset") else np.asarray(a)[idx]
     return Split(name=f"{train.name}[ratio={ratio:g}]", feats=pick(train.feats),
                  logits=pick(train.logits), images=pick(train.images),
                  labels=pick(train.labels), early=pick(train.early))
@@ -200,14 +207,30 @@ class GROOD(Detector):
     if p["no_gradients"]:
       return _loss.prototype_distance_scores(self._feats(split), state["class_protos"],
                                              state["ood_proto"], targets_N, wrt=p["wrt"])
-    grads_NxD = self._grads(ctx, state, self._feats(split), targets_N, split.name)
-    bar = ctx.bar(f"grood kNN {split.name} vs bank of {len(state['bank'])}", len(grads_NxD),
-                  "query")
+    # Fused per chunk: gradients of SCORE_CHUNK samples -> kNN against the bank placed on the
+    # device(s) once; no (N, D) gradient array of a scored set is ever held.
+    feats_NxD = self._feats(split)
+    n = len(targets_N)
+    k = int(p["k"])
+    knn = p["score_kind"] == "knn"
+    bank = (_search.place_bank(state["bank"], k=k, metric=p["metric"]) if knn else None)
+    scores = np.empty((n,), np.float32)
+    g_bar = ctx.bar(f"grood gradients {split.name}", n, "sample")
+    s_bar = ctx.bar(f"grood kNN {split.name} vs bank of {len(state['bank'])}", n, "query")
     try:
-      return _search.gradient_scores(grads_NxD, state["bank"], score_kind=p["score_kind"],
-                                     k=int(p["k"]), metric=p["metric"], progress=bar.update)
+      for start in range(0, n, SCORE_CHUNK):
+        stop = min(start + SCORE_CHUNK, n)
+        g = _loss.batched_grads(feats_NxD[start:stop], state["class_protos"], state["ood_proto"],
+                                targets_N[start:stop], wrt=p["wrt"], tau=float(p["tau"]),
+                                method=p["grad"], progress=g_bar.update,
+                                loss="distance" if p["distance_loss"] else "ncp")
+        scores[start:stop] = _search.gradient_scores(g, bank if knn else None,
+                                                     score_kind=p["score_kind"], k=k,
+                                                     metric=p["metric"], progress=s_bar.update)
     finally:
-      bar.close()
+      g_bar.close()
+      s_bar.close()
+    return scores
 
   def predict(self, ctx: Context, state: dict, split: Split) -> np.ndarray:
     return _protos.nearest_prototype(self._feats(split), state["class_protos"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from grood_jax.ops import knn_search, l2_normalize
+from grood_jax.ops import DeviceBank, ShardedBank, knn_search, l2_normalize, put_bank
 
 METRICS = ("l2", "cosine")
 SCORE_KINDS = ("knn", "l1norm")
@@ -24,19 +24,36 @@ def bank_scores(grads_QxD, bank_NxD, *, k: int = 1, metric: str = "l2",
                 query_block: int = 1024, bank_block: int = 4096,
                 progress=None) -> np.ndarray:
   """-(distance to the k-th nearest bank gradient): numpy float32 (Q,), higher = more ID.
-  `progress(n)` is called after each query block with the queries done."""
+  `bank_NxD`: an (N, D) array, or a bank placed once by `place_bank` (reused across query
+  chunks). `progress(n)` is called after each query block with the queries done."""
   if metric not in METRICS:
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
   grads_QxD = np.asarray(grads_QxD, np.float32)
-  bank_NxD = np.asarray(bank_NxD, np.float32)
+  placed = isinstance(bank_NxD, (DeviceBank, ShardedBank))
+  if not placed:
+    bank_NxD = np.asarray(bank_NxD, np.float32)
   if metric == "cosine":
-    grads_QxD, bank_NxD = np.asarray(l2_normalize(grads_QxD)), np.asarray(l2_normalize(bank_NxD))
-  d_QxK, _ = knn_search(grads_QxD, bank_NxD, k, query_block=query_block, bank_block=bank_block,
-                        progress=progress)
+    grads_QxD = np.asarray(l2_normalize(grads_QxD))
+    if not placed:
+      bank_NxD = np.asarray(l2_normalize(bank_NxD))
+  d_QxK, _ = knn_search(grads_QxD, bank_NxD, k, query_block=query_block,
+                        bank_block=None if placed else bank_block, progress=progress)
   d_Q = np.asarray(d_QxK)[:, k - 1]
   if metric == "cosine":
     d_Q = d_Q / 2.0                                  # ||a - b||^2 / 2 = 1 - cos on unit rows
   return (-d_Q).astype(np.float32)
+
+
+def place_bank(bank_NxD, *, k: int = 1, metric: str = "l2", query_block: int = 1024,
+               bank_block: int = 4096):
+  """The gradient bank on the device(s) once (`ops.put_bank`; L2-normalised first for
+  metric="cosine"), for `bank_scores` / `gradient_scores` over many query chunks."""
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+  bank_NxD = np.asarray(bank_NxD, np.float32)
+  if metric == "cosine":
+    bank_NxD = np.asarray(l2_normalize(bank_NxD))
+  return put_bank(bank_NxD, k, query_block=query_block, bank_block=bank_block)
 
 
 def l1_scores(grads_QxD) -> np.ndarray:

@@ -195,6 +195,66 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)])
 
 
+class DeviceBank:
+  """An (N, D) bank placed on the default device once, in augmented blocks ([b, ||b||^2],
+  padding rows +inf), for repeated `knn_search` calls; `host_NxD` (float32) is what the exact
+  re-rank gathers candidates from. Made by `put_bank`."""
+
+  def __init__(self, host_NxD, blocks, bank_block: int, query_block: int, budget: int):
+    self.host_NxD, self.blocks, self.bank_block = host_NxD, blocks, bank_block
+    self.query_block, self.budget = query_block, budget
+    self.n, self.dim = host_NxD.shape
+
+  def __len__(self) -> int:
+    return self.n
+
+
+def _check_bank(bank_NxD, k: int, name: str = "knn_search") -> np.ndarray:
+  bank_NxD = np.asarray(bank_NxD, np.float32)
+  if bank_NxD.ndim != 2:
+    raise DetectorError(f"{name}: bank {bank_NxD.shape} must be (N, D)")
+  if not 1 <= int(k) <= bank_NxD.shape[0]:
+    raise DetectorError(f"{name}: k={int(k)} needs 1 <= k <= bank size ({bank_NxD.shape[0]})")
+  return bank_NxD
+
+
+def put_bank(bank_NxD, k: int = 1, *, query_block: int | None = None,
+             bank_block: int | None = None, memory_budget: int | None = None,
+             exact: bool = True):
+  """Places a bank for repeated `knn_search(queries, bank, k')` calls with k' <= `k`: a
+  `DeviceBank` (one device) or, inside `parallel.data_parallel` with several devices, a
+  `ShardedBank` split over the mesh. Block sizes as in `knn_search` for query blocks of
+  `query_block` rows (default 1024) and the k + re-rank margin candidates of `k`."""
+  bank_NxD = _check_bank(bank_NxD, k, "put_bank")
+  mesh = parallel.active_mesh()
+  if mesh is not None:
+    return shard_bank(bank_NxD, mesh, bank_block=bank_block,
+                      query_block=_MAX_QUERY_BLOCK if query_block is None else int(query_block),
+                      k=k, memory_budget=memory_budget)
+  n, d = bank_NxD.shape
+  budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+  kc = int(k) + rerank_margin(int(k), n) if exact else int(k)
+  qb = _MAX_QUERY_BLOCK if query_block is None else int(query_block)
+  if bank_block is None:
+    qb_auto, bank_block = block_sizes_for_budget(qb, n, d, kc, budget)
+    qb = min(qb, qb_auto)
+  return _place_blocks(bank_NxD, int(bank_block), qb, budget)
+
+
+def _place_blocks(bank_NxD: np.ndarray, bank_block: int, query_block: int,
+                  budget: int) -> DeviceBank:
+  n = bank_NxD.shape[0]
+  bb = max(1, int(bank_block))
+  if bb > n:                          # one block: pad only up to a whole chunk, if at all
+    bb = n if n < _CHUNK or bb % _CHUNK else -(-n // _CHUNK) * _CHUNK
+  blocks = []
+  for start in range(0, n, bb):
+    b = jnp.asarray(_pad_rows(bank_NxD[start:start + bb], bb))
+    blocks.append((_augment_bank_jit(b, n - start), jnp.int32(start)))
+    del b
+  return DeviceBank(bank_NxD, blocks, bb, max(1, int(query_block)), budget)
+
+
 def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
                bank_block: int | None = None, memory_budget: int | None = None,
                exact: bool = True,
@@ -216,40 +276,44 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
   the query block is padded up to a power of two (`padded_query_block`), so sets of different
   sizes share compilations. `progress(n)` is called with the number of queries done after each
   query block.
+  `bank_NxD` may also be a bank placed once by `put_bank` (a `DeviceBank`, or a `ShardedBank`
+  on a mesh) and reused across calls: e.g. queries that arrive chunk by chunk search the same
+  device copy, and nothing of size N x D goes to the device again.
   Raises DetectorError (a ValueError) unless 1 <= k <= N. Inside `parallel.data_parallel`
   with several devices the bank is split over them (`sharded_knn_search`, same result).
   """
-  if parallel.active_mesh() is not None:          # several devices: the bank is sharded
+  if isinstance(bank_NxD, ShardedBank):
+    return sharded_knn_search(queries_QxD, bank_NxD, k, bank_NxD.mesh, query_block=query_block,
+                              memory_budget=memory_budget, exact=exact, progress=progress)
+  if parallel.active_mesh() is not None and not isinstance(bank_NxD, DeviceBank):
     return sharded_knn_search(queries_QxD, bank_NxD, k, parallel.active_mesh(),
                               query_block=query_block, bank_block=bank_block,
                               memory_budget=memory_budget, exact=exact, progress=progress)
   queries_QxD = np.asarray(queries_QxD, np.float32)
-  bank_NxD = np.asarray(bank_NxD, np.float32)
-  if queries_QxD.ndim != 2 or bank_NxD.ndim != 2 or queries_QxD.shape[1] != bank_NxD.shape[1]:
-    raise DetectorError(f"knn_search: queries {queries_QxD.shape} and bank {bank_NxD.shape} "
-                        "must be (Q, D) and (N, D)")
-  n, q_total = bank_NxD.shape[0], queries_QxD.shape[0]
   k = int(k)
+  placed = bank_NxD if isinstance(bank_NxD, DeviceBank) else None
+  host = placed.host_NxD if placed is not None else np.asarray(bank_NxD, np.float32)
+  if queries_QxD.ndim != 2 or host.ndim != 2 or queries_QxD.shape[1] != host.shape[1]:
+    raise DetectorError(f"knn_search: queries {queries_QxD.shape} and bank {host.shape} "
+                        "must be (Q, D) and (N, D)")
+  n, q_total = host.shape[0], queries_QxD.shape[0]
   if not 1 <= k <= n:
     raise DetectorError(f"knn_search: k={k} needs 1 <= k <= bank size ({n})")
   if q_total == 0:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
-  budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
   kc = k + rerank_margin(k, n) if exact else k       # candidates kept by the block search
-  if query_block is None or bank_block is None:
-    auto_qb, auto_bb = block_sizes_for_budget(padded_query_block(_MAX_QUERY_BLOCK, q_total),
-                                              n, bank_NxD.shape[1], kc, budget)
-    query_block = auto_qb if query_block is None else query_block
-    bank_block = auto_bb if bank_block is None else bank_block
-  bb = max(1, int(bank_block))
-  if bb > n:                          # one block: pad only up to a whole chunk, if at all
-    bb = n if n < _CHUNK or bb % _CHUNK else -(-n // _CHUNK) * _CHUNK
+  if placed is None:
+    budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    if query_block is None or bank_block is None:
+      auto_qb, auto_bb = block_sizes_for_budget(padded_query_block(_MAX_QUERY_BLOCK, q_total),
+                                                n, host.shape[1], kc, budget)
+      query_block = auto_qb if query_block is None else query_block
+      bank_block = auto_bb if bank_block is None else bank_block
+    placed = _place_blocks(host, int(bank_block), int(query_block), budget)
+  else:
+    budget = placed.budget if memory_budget is None else memory_budget
+    query_block = placed.query_block if query_block is None else query_block
   qb = padded_query_block(query_block, q_total)
-  blocks = []
-  for start in range(0, n, bb):
-    b = jnp.asarray(_pad_rows(bank_NxD[start:start + bb], bb))
-    blocks.append((_augment_bank_jit(b, n - start), jnp.int32(start)))
-    del b
   dists = np.empty((q_total, kc), np.float32)
   idx = np.empty((q_total, kc), np.int32)
   for start in range(0, q_total, qb):
@@ -257,7 +321,7 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
     qa, qsq = _augment_queries_jit(jnp.asarray(_pad_rows(queries_QxD[start:stop], qb)))
     best_d = jnp.full((qb, kc), jnp.inf, jnp.float32)
     best_i = jnp.full((qb, kc), -1, jnp.int32)
-    for ba, offset in blocks:
+    for ba, offset in placed.blocks:
       best_d, best_i = _knn_merge_block(qa, qsq, ba, offset, best_d, best_i, k=kc)
     dists[start:stop] = np.asarray(best_d)[:stop - start]
     idx[start:stop] = np.asarray(best_i)[:stop - start]
@@ -265,8 +329,7 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
       progress(stop - start)
   if not exact:
     return dists, idx
-  return _rerank(queries_QxD, bank_NxD, idx, k,
-                 _rerank_rows(qb, kc, bank_NxD.shape[1], budget))
+  return _rerank(queries_QxD, host, idx, k, _rerank_rows(qb, kc, host.shape[1], budget))
 
 
 # ------------------------------------------------------------------ sharded exact search

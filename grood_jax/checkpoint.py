@@ -75,11 +75,12 @@ def _pure(state) -> dict:
 
 
 def _default_device():
-  """The device new arrays land on (`jax.default_device` when set, else the first device)."""
+  """The device new arrays land on: `jax.default_device` when set, else this process's first
+  device (on several processes jax.devices()[0] belongs to process 0, not addressable here)."""
   d = jax.config.jax_default_device
   if d is None:
-    return jax.devices()[0]
-  return jax.devices(d)[0] if isinstance(d, str) else d
+    return jax.local_devices()[0]
+  return jax.local_devices(backend=d)[0] if isinstance(d, str) else d
 
 
 def _abstract(tree):

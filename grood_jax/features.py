@@ -50,6 +50,18 @@ def pad_batch(x: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate([x, pad], axis=0)
 
 
+def process_rows(a, start: int, stop: int, first: int, rows: int) -> np.ndarray:
+  """Rows [first, first + rows) of the padded batch a[start:stop] (padding = the batch's last
+  row repeated, as `pad_batch`), read without reading the other processes' rows."""
+  lo = start + first
+  hi = min(lo + rows, stop)
+  part = np.asarray(a[lo:hi]) if lo < stop else np.asarray(a[stop - 1:stop])[:0]
+  if len(part) == rows:
+    return part
+  last = np.asarray(a[stop - 1:stop])
+  return np.concatenate([part, np.repeat(last, rows - len(part), axis=0)], axis=0)
+
+
 class Rows:
   """A lazy row subset `array[index]` that `map_arrays` reads batch by batch, so a selection
   of rows (e.g. GROOD's correctly classified train samples) is never copied whole."""
@@ -77,8 +89,9 @@ def map_arrays(fn: Callable, *arrays, batch_size: int = 512, prepare: Callable |
 
   The one padded-batch loop: every batch has the same shape (the last padded by repeating its
   last row), so a jitted `fn` compiles once; inside `parallel.data_parallel(mesh)` the batch
-  size is rounded to the device count and each batch is split over the mesh (on several
-  processes the outputs are gathered to every host: `parallel.to_host`). `arrays` are numpy
+  size is rounded to the device count and each batch is split over the mesh; on several
+  processes each one reads only the rows its own devices hold (`parallel.local_rows`; padding
+  as on one process) and the outputs are gathered to every host (`parallel.to_host`). `arrays` are numpy
   arrays or anything with len() and slicing that returns numpy (a memmap, `Rows`, a generated
   source): only one batch of them is read at a time. `prepare` maps each host batch before it
   is placed (e.g. image normalisation). Returns the pytree of numpy arrays concatenated over
@@ -90,11 +103,19 @@ def map_arrays(fn: Callable, *arrays, batch_size: int = 512, prepare: Callable |
     raise ValueError("map_arrays: no rows")
   outs = []
   bs = parallel.round_batch(min(batch_size, n))
+  local = parallel.local_rows(bs)          # several processes: each reads only its own rows
   for start, stop in batches(n, bs):
-    xs = [pad_batch(np.asarray(a[start:stop]), bs) for a in arrays]
+    if local is None:
+      xs = [pad_batch(np.asarray(a[start:stop]), bs) for a in arrays]
+    else:
+      xs = [process_rows(a, start, stop, *local) for a in arrays]
     if prepare is not None:
       xs = [prepare(x) for x in xs]
-    out = parallel.to_host(fn(*(parallel.put_batch(x) for x in xs)))   # gathered over hosts
+    if local is None:
+      placed = [parallel.put_batch(x) for x in xs]
+    else:
+      placed = [parallel.put_local_batch(x, bs) for x in xs]
+    out = parallel.to_host(fn(*placed))                                # gathered over hosts
     out = jax.tree.map(lambda a, k=stop - start: a[:k], out)
     if sink is not None:
       sink(start, stop, out)

@@ -273,6 +273,28 @@ def round_batch(batch_size: int) -> int:
   return max(n_dev, -(-int(batch_size) // n_dev) * n_dev)
 
 
+def local_rows(batch_size: int) -> tuple[int, int] | None:
+  """(first row, rows) of a global batch of `batch_size` that THIS process places on the
+  active mesh, when several processes share it (the mesh lists devices process by process);
+  None on one process or without a mesh (then the whole batch is placed by `put_batch`)."""
+  m = active_mesh()
+  n_proc = jax.process_count()
+  if m is None or n_proc == 1:
+    return None
+  per = int(batch_size) // n_proc
+  return jax.process_index() * per, per
+
+
+def put_local_batch(x_local, batch_size: int, dtype=None) -> jax.Array:
+  """This process's rows (`local_rows`) of a global batch of `batch_size` rows, placed on the
+  active mesh as that global batch: each process reads and sends only its own rows."""
+  x_local = np.asarray(x_local) if dtype is None else np.asarray(x_local, dtype)
+  m = active_mesh()
+  sharding = NamedSharding(m, P(mesh_axis(m, None)))
+  return jax.make_array_from_process_local_data(sharding, x_local,
+                                                (int(batch_size),) + x_local.shape[1:])
+
+
 def put_batch(x, dtype=None) -> jax.Array:
   """A batch on the active mesh (split on its leading axis), or on the default device."""
   x = np.asarray(x) if dtype is None else np.asarray(x, dtype)

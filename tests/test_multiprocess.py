@@ -193,3 +193,33 @@ def test_initialize_distributed_validates_before_touching_jax():
     parallel.initialize_distributed("127.0.0.1:1", None, 0)
   with pytest.raises(ConfigError, match="at least 1"):
     parallel.initialize_distributed("127.0.0.1:1", 0, 0)
+
+
+def test_each_process_reads_only_its_rows_of_a_padded_batch():
+  """What map_arrays reads on each of P processes, put together, is exactly the padded batch
+  one process reads — and no process touches rows outside its share."""
+  from grood_jax.features import pad_batch, process_rows
+
+  class Recording:
+    def __init__(self, a):
+      self.a, self.read = a, set()
+
+    def __len__(self):
+      return len(self.a)
+
+    def __getitem__(self, sl):
+      self.read.update(range(*sl.indices(len(self.a))))
+      return self.a[sl]
+
+  a = np.arange(23 * 2).reshape(23, 2)
+  for procs, bs in ((2, 8), (4, 8), (2, 6)):
+    for start in range(0, 23, bs):
+      stop = min(start + bs, 23)
+      parts = []
+      for pid in range(procs):
+        per = bs // procs
+        rec = Recording(a)
+        parts.append(process_rows(rec, start, stop, pid * per, per))
+        share = set(range(start + pid * per, min(start + (pid + 1) * per, stop)))
+        assert rec.read <= share | {stop - 1}, (procs, bs, start, pid, rec.read)
+      np.testing.assert_array_equal(np.concatenate(parts), pad_batch(a[start:stop], bs))

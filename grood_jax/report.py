@@ -613,7 +613,7 @@ def _e(s) -> str:
 
 
 def _html_table(header: list[str], rows: list[list[str]], caption: str | None = None,
-                highlight: int | None = None) -> str:
+                highlight: int | None = None, group_start: int | None = None) -> str:
   attrs = [' class="num"' if _numeric_column(h) else "" for h in header]
   out = ["<table>"]
   if caption:
@@ -622,7 +622,9 @@ def _html_table(header: list[str], rows: list[list[str]], caption: str | None = 
              + "</tr></thead>")
   out.append("<tbody>")
   for i, r in enumerate(rows):
-    tr = '<tr class="chosen">' if i == highlight else "<tr>"
+    cls = " ".join(c for c, on in (("chosen", i == highlight),
+                                   ("group-start", i == group_start)) if on)
+    tr = f'<tr class="{cls}">' if cls else "<tr>"
     out.append(tr + "".join(f"<td{a}>{_e(v)}</td>" for v, a in zip(r, attrs)) + "</tr>")
   out.append("</tbody></table>")
   return "\n".join(out)
@@ -640,6 +642,7 @@ img{max-width:100%}
 .legend{color:#555;font-size:.9em}
 pre{background:#f7f7f7;padding:.6em;overflow:auto}
 tr.chosen td{font-weight:700;background:#eef6ee}
+tr.group-start td{border-top:3px solid #555}
 table.kv th{text-align:left;vertical-align:top}
 details{margin:.6em 0}
 summary{cursor:pointer;font-weight:600}
@@ -700,7 +703,9 @@ def to_html(results: Mapping, images: Iterable = (), provenance: Mapping | None 
   if cl:
     body.append(f"<p>{_e(cl)}</p>")
   body.append('<section id="summary">')
-  body.append(_html_table(*_summary_rows(results, True),
+  order = sorted_detectors(results)
+  first_oe = next((i for i, n in enumerate(order) if uses_outlier_data(results, n)), None)
+  body.append(_html_table(*_summary_rows(results, True), group_start=first_oe or None,
                           caption="Summary: detectors without outlier data, then with; each group "
                                   "sorted by near-OOD AUROC (%)"))
   body.append(f'<p class="legend">{_e(FPR_LEGEND)}<br>{_e(AUPR_LEGEND)}<br>'

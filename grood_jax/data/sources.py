@@ -211,14 +211,19 @@ def load_folder(root: str, *, name: str | None = None, image_shape=(28, 28, 1),
       continue
     images.append(conform(image[None], image_shape, name)[0])
     labels.append(label)
-  if skipped:
-    warnings.warn(f"{name}: skipped {len(skipped)} unreadable file(s), first {skipped[0]}",
-                  stacklevel=2)
-  if not images:
-    raise DataError(f"{name}: no readable images in {root}; expected one sub-folder of images "
-                    "per class")
+  _check_readable(name, root, skipped, len(images), stacklevel=3)
   labels_arr = np.asarray(labels, np.int32) if classes else None
   return ImageSet(name, np.stack(images), labels_arr)
+
+
+def _check_readable(name, root, skipped: list, n_readable: int, stacklevel: int) -> None:
+  """One warning naming the unreadable files of a folder; DataError when none is readable."""
+  if skipped:
+    warnings.warn(f"{name}: skipped {len(skipped)} unreadable file(s), first {skipped[0]}",
+                  stacklevel=stacklevel)
+  if not n_readable:
+    raise DataError(f"{name}: no readable images in {root}; expected one sub-folder of images "
+                    "per class")
 
 
 def _streamed_folder(entries, *, root, name, image_shape, labelled, workers) -> ImageSet:
@@ -226,12 +231,7 @@ def _streamed_folder(entries, *, root, name, image_shape, labelled, workers) -> 
     ok = list(pool.map(_readable_header, [p for p, _ in entries], chunksize=64))
   skipped = [p for (p, _), good in zip(entries, ok) if not good]
   entries = [e for e, good in zip(entries, ok) if good]
-  if skipped:
-    warnings.warn(f"{name}: skipped {len(skipped)} unreadable file(s), first {skipped[0]}",
-                  stacklevel=3)
-  if not entries:
-    raise DataError(f"{name}: no readable images in {root}; expected one sub-folder of images "
-                    "per class")
+  _check_readable(name, root, skipped, len(entries), stacklevel=4)
   decode = functools.partial(_decode_file, image_shape=image_shape, name=name)
   images = streaming.StreamedImages([p for p, _ in entries], decode, image_shape,
                                     num_threads=workers, name=name)

@@ -100,14 +100,18 @@ class GROOD(Detector):
       feats = np.asarray(ops.l2_normalize(feats))
     return feats
 
-  def _grads(self, ctx: Context, state: dict, feats_NxD, targets_N, name: str) -> np.ndarray:
+  def _batched_grads(self, state: dict, feats_NxD, targets_N, progress=None) -> np.ndarray:
+    """This setting's per-sample gradients (wrt, tau, grad method, loss) of the given rows."""
     p = self.params
+    return _loss.batched_grads(feats_NxD, state["class_protos"], state["ood_proto"], targets_N,
+                               wrt=p["wrt"], tau=float(p["tau"]), method=p["grad"],
+                               progress=progress,
+                               loss="distance" if p["distance_loss"] else "ncp")
+
+  def _grads(self, ctx: Context, state: dict, feats_NxD, targets_N, name: str) -> np.ndarray:
     bar = ctx.bar(f"grood gradients {name}", len(targets_N), "sample")
     try:
-      return _loss.batched_grads(feats_NxD, state["class_protos"], state["ood_proto"],
-                                 targets_N, wrt=p["wrt"], tau=float(p["tau"]),
-                                 method=p["grad"], progress=bar.update,
-                                 loss="distance" if p["distance_loss"] else "ncp")
+      return self._batched_grads(state, feats_NxD, targets_N, progress=bar.update)
     finally:
       bar.close()
 
@@ -220,10 +224,8 @@ class GROOD(Detector):
     try:
       for start in range(0, n, SCORE_CHUNK):
         stop = min(start + SCORE_CHUNK, n)
-        g = _loss.batched_grads(feats_NxD[start:stop], state["class_protos"], state["ood_proto"],
-                                targets_N[start:stop], wrt=p["wrt"], tau=float(p["tau"]),
-                                method=p["grad"], progress=g_bar.update,
-                                loss="distance" if p["distance_loss"] else "ncp")
+        g = self._batched_grads(state, feats_NxD[start:stop], targets_N[start:stop],
+                                progress=g_bar.update)
         scores[start:stop] = _search.gradient_scores(g, bank if knn else None,
                                                      score_kind=p["score_kind"], k=k,
                                                      metric=p["metric"], progress=s_bar.update)

@@ -1,5 +1,7 @@
 """The baseline detectors against independent numpy / sklearn computations of their formulas."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,6 +130,38 @@ def test_odin_matches_per_sample_loop(cnn):
     got = run("odin", ctx, test, T=temperature, eps=0.0)[0]
     close(got - 1.0 / C, softmax(test.logits.astype(np.float64) / temperature, 1).max(1) - 1 / C,
           1e-3)
+
+
+def test_odin_shares_the_gradient_sign_across_eps(cnn, monkeypatch):
+  """The grid's eps values of one T share one gradient pass (signs kept per split); scores
+  equal the fused forward-backward-forward path (sign_cache_mib=0), and eps = 0 runs no model."""
+  from grood_jax.detectors import odin as odin_mod
+  ctx, test, _, _ = cnn
+  fused = {eps: run("odin", ctx, test, T=10.0, eps=eps, sign_cache_mib=0)[0]
+           for eps in (0.0014, 0.0028)}
+  calls = {"sign": 0, "step": 0}
+  real_sign, real_step = odin_mod.make_sign_fn, odin_mod.make_step_fn
+
+  def wrap(make, name):
+    def made(fns):
+      fn = make(fns)
+      def counted(*a):
+        calls[name] += 1
+        return fn(*a)
+      return counted
+    return made
+
+  monkeypatch.setattr(odin_mod, "make_sign_fn", wrap(real_sign, "sign"))
+  monkeypatch.setattr(odin_mod, "make_step_fn", wrap(real_step, "step"))
+  ctx2 = dataclasses.replace(ctx, cache={})
+  n_batches = -(-len(test) // ctx2.batch_size)
+  for eps in (0.0014, 0.0028):
+    got = run("odin", ctx2, test, T=10.0, eps=eps)[0]
+    np.testing.assert_allclose(got, fused[eps], rtol=1e-5, atol=1e-6)
+  assert calls == {"sign": n_batches, "step": 2 * n_batches}
+  no_images = dataclasses.replace(test, images=None)
+  close(run("odin", ctx2, no_images, T=10.0, eps=0.0)[0],
+        softmax(test.logits.astype(np.float64) / 10.0, 1).max(1), 1e-5)
 
 
 def test_mahalanobis(cnn):

@@ -180,3 +180,43 @@ def test_detectors_fit_and_score(tiny, subspace):
   assert np.all((msp >= 1 / C - 1e-6) & (msp <= 1 + 1e-6))
   pred = dets["lowdim_msp"].predict(ctx, states["lowdim_msp"], split)
   assert pred.shape == (7,) and set(pred.tolist()) <= set(range(C))
+
+
+@pytest.mark.parametrize("subspace", ["pca", "classmean"])
+def test_fit_computes_each_gradient_once_when_kept(tiny, subspace, monkeypatch):
+  """grad_cache_mib keeps the fit set's gradient batches: one model pass instead of one per
+  data pass (pca: stats + power_iters + 1 + reduction), and bit-identical fits and scores."""
+  from grood_jax.lowdim import grads as grads_mod
+  calls = {"n": 0}
+  real = grads_mod.param_grads
+
+  def counting(*a, **k):
+    calls["n"] += 1
+    return real(*a, **k)
+
+  monkeypatch.setattr(grads_mod, "param_grads", counting)
+  split = Split("test", np.zeros((7, 4), np.float32), np.zeros((7, C), np.float32),
+                tiny["images"][:7])
+  out = {}
+  for mib in (0, 1):
+    ctx = _ctx(tiny)
+    det = make_detector("lowdim_knn", subspace=subspace, K=4, k=2, n_fit=N_TRAIN,
+                        batch_size=BS, power_iters=2, grad_cache_mib=mib)
+    calls["n"] = 0
+    state = det.fit(ctx)
+    out[mib] = (calls["n"], state, det.score(ctx, state, split))
+  n_batches = 3                                        # 45 rows in batches of 16
+  passes = 2 + 2 + 1 if subspace == "pca" else 3      # stats, power iters, final, reduce
+  assert out[0][0] == n_batches * passes
+  assert out[1][0] == n_batches
+  for key in ("mean_P", "scale_P", "V_PxK", "bank_NxK"):
+    np.testing.assert_array_equal(np.asarray(out[0][1][key]), np.asarray(out[1][1][key]))
+  np.testing.assert_array_equal(out[0][2], out[1][2])
+  # the kept batches are the ones a fresh pass computes
+  gb = lowdim.GradBatches(tiny["fns"], tiny["fns"].params, tiny["images"], batch_size=BS,
+                          mean=MEAN, std=STD, keep_bytes=2 ** 20)
+  assert gb.keeps and gb.nbytes == 4 * 48 * 461
+  first = np.concatenate([np.asarray(g)[:stop - start] for g, _, start, stop in gb])
+  second = np.concatenate([np.asarray(g)[:stop - start] for g, _, start, stop in gb])
+  np.testing.assert_array_equal(first, second)
+  np.testing.assert_allclose(first, tiny["G"], rtol=1e-5, atol=1e-7)

@@ -9,7 +9,9 @@
   lowdim_energy  logsumexp of the probe's logits
 
 The fit (statistics, subspace, train z) uses `n_fit` train images, a subset drawn with
-ctx.seed, and is cached in ctx.cache under the parameters that affect it, so the three detectors
+ctx.seed; their per-sample gradients are computed once and kept for the fit's passes (1 model
+pass instead of power_iters + 3) when n_fit × P float32 fit in `grad_cache_mib` (2 GiB by
+default; above it they are recomputed per pass, memory O(B·P)). The fit is cached in ctx.cache under the parameters that affect it, so the three detectors
 (and grid points differing only in k or the probe's settings) share one fit; the reduced
 gradients of a scored split are cached too. Every scored image is re-run through the model for
 its per-sample gradient (needs the split's images). Memory: see grood_jax.lowdim.subspace.
@@ -28,7 +30,7 @@ from grood_jax.lowdim import subspace as _subspace
 
 _SUBSPACES = ("pca", "classmean")
 _COMMON = {"subspace": "pca", "K": 64, "n_fit": 5000, "batch_size": 64, "power_iters": 4,
-           "oversample": 10}
+           "oversample": 10, "grad_cache_mib": 2048}
 
 
 def _images(split, who):
@@ -100,6 +102,10 @@ class _Lowdim(Detector):
     labels = None if train.labels is None else np.asarray(train.labels, np.int32)[idx]
     bs = int(p["batch_size"])
     io = dict(batch_size=bs, mean=ctx.mean, std=ctx.std)
+    # the fit set's per-sample gradients, computed once for all the passes below when they fit
+    # in grad_cache_mib (same arrays either way: same results)
+    images = _grads.GradBatches(ctx.fns, ctx.params, images,
+                                keep_bytes=int(p["grad_cache_mib"]) * 2 ** 20, **io)
     stats = _grads.grad_stats(ctx.fns, ctx.params, images, **io)
     if p["subspace"] == "pca":
       v, _ = _subspace.pca_subspace(ctx.fns, ctx.params, stats, images, self._basis_k(ctx),

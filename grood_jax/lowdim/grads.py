@@ -127,6 +127,54 @@ def iter_inputs(images, batch_size: int, mean=None, std=None
     yield parallel.put_batch(xb, np.float32), parallel.put_batch(mask), start, stop
 
 
+class GradBatches:
+  """The per-sample gradient batches G_BxP of a set of images, for the passes over them.
+
+  Iterating yields (G_BxP, mask_B, start, stop) over the fixed-size padded batches of
+  `iter_inputs`. The first complete pass computes them with `param_grads`; when all the padded
+  batches fit in `keep_bytes` (4 · ceil(N / B) · B · P bytes, float32) they are kept (as device
+  arrays) and every later pass reads them instead of re-running the model, so a fit that makes
+  several passes (statistics, subspace iterations, reduction) computes each gradient once.
+  Kept or not, every pass sees the same arrays, so the results are the same bit for bit.
+  `keep_bytes=0` keeps nothing (memory O(B·P), the N×P matrix never formed).
+  """
+
+  def __init__(self, fns, params, images, *, batch_size: int = 64, mean=None, std=None,
+               keep_bytes: int = 0):
+    if len(images) == 0:
+      raise ValueError("lowdim: no images")
+    self.fns, self.params, self.images = fns, params, images
+    self.batch_size, self.mean, self.std = int(batch_size), mean, std
+    bs = parallel.round_batch(self.batch_size)
+    padded = -(-len(images) // bs) * bs
+    self.nbytes = 4 * padded * num_params(params)
+    self.keeps = self.nbytes <= int(keep_bytes)
+    self._kept = None
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __iter__(self):
+    if self._kept is not None:
+      yield from self._kept
+      return
+    kept = [] if self.keeps else None
+    for x, mask, start, stop in iter_inputs(self.images, self.batch_size, self.mean, self.std):
+      item = (param_grads(self.fns, self.params, x), mask, start, stop)
+      if kept is not None:
+        kept.append(item)
+      yield item
+    if kept is not None:
+      self._kept = kept
+
+
+def grad_batches(fns, params, images, batch_size: int = 64, mean=None, std=None) -> GradBatches:
+  """`images` itself when it is a GradBatches, else one that keeps nothing."""
+  if isinstance(images, GradBatches):
+    return images
+  return GradBatches(fns, params, images, batch_size=batch_size, mean=mean, std=std)
+
+
 # ------------------------------------------------------------------ train statistics
 
 
@@ -158,7 +206,8 @@ def grad_scale(var_P, rel_tol: float = 1e-6) -> jax.Array:
 
 def grad_stats(fns, params, images, *, batch_size: int = 64, mean=None, std=None,
                rel_tol: float = 1e-6) -> dict:
-  """Streaming train statistics of the per-sample gradients.
+  """Streaming train statistics of the per-sample gradients (`images`: an image array, or a
+  `GradBatches`).
 
   Returns {"mean_P", "var_P" (population variance, ddof 0), "scale_P" (`grad_scale`), "n"}.
   Peak memory O(B·P) for batch size B; never N×P.
@@ -167,8 +216,7 @@ def grad_stats(fns, params, images, *, batch_size: int = 64, mean=None, std=None
   n = jnp.zeros((), jnp.float32)
   mean_P = jnp.zeros((p,), jnp.float32)
   m2_P = jnp.zeros((p,), jnp.float32)
-  for x, mask, _, _ in iter_inputs(images, batch_size, mean, std):
-    g_BxP = param_grads(fns, params, x)
+  for g_BxP, mask, _, _ in grad_batches(fns, params, images, batch_size, mean, std):
     n, mean_P, m2_P = parallel.settle(_stats_merge(g_BxP, mask, n, mean_P, m2_P))
   var_P = m2_P / jnp.maximum(n, 1.0)
   return {"mean_P": mean_P, "var_P": var_P, "scale_P": grad_scale(var_P, rel_tol),

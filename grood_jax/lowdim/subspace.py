@@ -23,7 +23,10 @@ P = 26 074, B ∈ {16, 64}, L ∈ {26, 74}: the B·P and L·P buffers below are 
   QR step: 4 bytes · 4·L·P (old V, W, QR workspace, new V).
 E.g. ResNet-18 (P ≈ 11.2 M), K = 64 (L = 74): B = 64 → ≈ 15.7 GB; B = 16 → ≈ 11.4 GB. Lower
 `batch_size` (or K) to fit smaller devices; the N×P matrix is never formed.
-Cost: (power_iters + 1) passes of per-sample gradients over the fit set.
+Cost: (power_iters + 1) passes of per-sample gradients over the fit set; each function also
+takes a `grads.GradBatches` in place of the images, and one that keeps its batches computes
+every gradient once for all the passes (the low-dim detectors' fit: 7 passes -> 1 when the fit
+set's N×P gradients fit in `grad_cache_mib`).
 
 `class_mean_subspace` — column c is the mean normalised gradient of the train samples of class
 c, L2-normalised (a class with no sample, or a zero mean, gives a zero column). Not orthogonal.
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grood_jax import parallel
-from grood_jax.lowdim.grads import iter_inputs, normalize_grads, num_params, param_grads
+from grood_jax.lowdim.grads import grad_batches, normalize_grads, num_params
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -56,8 +59,8 @@ def _gram_step(g_BxP, mask_B, mean_P, scale_P, w_PxL, v_PxL):
 
 def _gram_apply(fns, params, stats, images, v_PxL, batch_size, mean, std):
   w_PxL = jnp.zeros_like(v_PxL)
-  for x, mask, _, _ in iter_inputs(images, batch_size, mean, std):
-    w_PxL = parallel.settle(_gram_step(param_grads(fns, params, x), mask, stats["mean_P"],
+  for g_BxP, mask, _, _ in grad_batches(fns, params, images, batch_size, mean, std):
+    w_PxL = parallel.settle(_gram_step(g_BxP, mask, stats["mean_P"],
                                        stats["scale_P"], w_PxL, v_PxL))
   return w_PxL
 
@@ -116,11 +119,11 @@ def class_mean_subspace(fns, params, stats: dict, images, labels, num_classes: i
   labels = np.asarray(labels, np.int32)
   sums_CxP = jnp.zeros((num_classes, p), jnp.float32)
   counts_C = jnp.zeros((num_classes,), jnp.float32)
-  for x, mask, start, stop in iter_inputs(images, batch_size, mean, std):
-    lab = np.zeros(x.shape[0], np.int32)
+  for g_BxP, mask, start, stop in grad_batches(fns, params, images, batch_size, mean, std):
+    lab = np.zeros(g_BxP.shape[0], np.int32)
     lab[:stop - start] = labels[start:stop]
     sums_CxP, counts_C = parallel.settle(_class_sum_step(
-        param_grads(fns, params, x), mask, parallel.put_batch(lab), stats["mean_P"],
+        g_BxP, mask, parallel.put_batch(lab), stats["mean_P"],
         stats["scale_P"], int(num_classes), sums_CxP, counts_C))
   means_CxP = sums_CxP / jnp.maximum(counts_C, 1.0)[:, None]
   norms_C = jnp.linalg.norm(means_CxP, axis=1)
@@ -137,7 +140,7 @@ def reduce_grads(fns, params, stats: dict, v_PxK, images, *, batch_size: int = 6
                  std=None) -> np.ndarray:
   """z_NxK = G̃ V for every image (numpy float32), one batch of gradients in memory at a time."""
   out = np.empty((len(images), v_PxK.shape[1]), np.float32)
-  for x, _, start, stop in iter_inputs(images, batch_size, mean, std):
-    z = _reduce_step(param_grads(fns, params, x), stats["mean_P"], stats["scale_P"], v_PxK)
+  for g_BxP, _, start, stop in grad_batches(fns, params, images, batch_size, mean, std):
+    z = _reduce_step(g_BxP, stats["mean_P"], stats["scale_P"], v_PxK)
     out[start:stop] = np.asarray(z)[:stop - start]
   return out

@@ -390,6 +390,25 @@ def score_checkpoint(ckpt_dir: str, opts: ScoreOptions, *, log: Callable[[str], 
                         progress=progress)
 
 
+def uses_train_logits(name: str, opts: ScoreOptions) -> bool:
+  """Whether detector `name` (with its --param values) reads the (N, C) train logits
+  (`Detector.uses_train_logits`; True unless the detector declares otherwise)."""
+  return bool(make_detector(name, **dict(opts.detector_params.get(name, {}))).uses_train_logits)
+
+
+def release_train_logits(cache: FeatureCache, ctx: Context) -> None:
+  """Drops the train logits from the harness: the train split (ctx.train, the cache's entry)
+  keeps its features and labels, its logits become None; freed once nothing else refers to
+  them (a memory-mapped cache file is unmapped)."""
+  train = ctx.train
+  if train is None or train.logits is None:
+    return
+  logits = train.logits
+  for s in (train, *cache._mem.values()):
+    if s.logits is logits:
+      s.logits = None
+
+
 def score_prepared(prep: Prepared, opts: ScoreOptions, *,
                    log: Callable[[str], None] | None = None, timing: dict | None = None,
                    progress: ProgressFn | None = None):
@@ -436,7 +455,9 @@ def score_prepared(prep: Prepared, opts: ScoreOptions, *,
   train_outliers = training_uses_outlier_data(prep.config)
   results["meta"]["training_uses_outlier_data"] = train_outliers
   all_scores = {}
-  for name in names:
+  for i, name in enumerate(names):
+    if not any(uses_train_logits(n, opts) for n in names[i:]):
+      release_train_logits(cache, ctx)     # no detector still to run reads them
     params_user = dict(opts.detector_params.get(name, {}))
     if aux_val is None and make_detector(name, **params_user).uses_outlier_data():
       log(f"{name}: left out — it uses real outlier data (an OOD validation set) and benchmark "

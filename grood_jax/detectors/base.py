@@ -224,6 +224,10 @@ class Detector:
     """The declared `Param` of `key`, or one inferred from its default's type."""
     return cls.specs.get(key) or infer_param(cls.defaults[key])
 
+  # Whether fit or score reads ctx.train.logits (the (N, C) train logits): the harness drops
+  # them once no detector still to run needs them. True (kept) unless a detector says not.
+  uses_train_logits: ClassVar[bool] = True
+
   def uses_outlier_data(self) -> bool:
     """Whether this setting uses real outlier data (OpenOOD's "Outlier_Data: Yes" group, e.g.
     GROOD's `oodval` source); ranked apart from the post-hoc detectors. Default: no."""

@@ -21,6 +21,7 @@ class Energy(Detector):
   specs = {"T": Param("float", lo=0, lo_open=True)}
   grid = {"T": [1.0]}
   description = "T * logsumexp(logits / T)"
+  uses_train_logits = False
 
   def score(self, ctx, state, split) -> np.ndarray:
     return ops.as_np32(energy_scores(ops.as_np32(split.logits),

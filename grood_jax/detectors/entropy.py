@@ -29,6 +29,7 @@ class Entropy(Detector):
   defaults = {}
   grid = {}
   description = "minus the entropy of the softmax, sum_c p_c log p_c"
+  uses_train_logits = False
 
   def score(self, ctx, state, split) -> np.ndarray:
     return ops.as_np32(neg_entropy(ops.as_np32(split.logits)))

@@ -51,6 +51,50 @@ SCORE_CHUNK = 16384        # scored samples per fused gradient -> kNN step (host
                            # SCORE_CHUNK x D float32 gradients, 64 MiB at D = 1024)
 
 
+BANK_QUERY_BLOCK, BANK_BLOCK = 1024, 4096    # the bank's placement (= search.place_bank's)
+
+
+class _BankGrads:
+  """The bank gradients of the rows `keep` of `feats`, computed on each slice (`put_bank` reads
+  one bank block at a time). A slice gives the same bytes as the one whole-bank call
+  (`GROOD._batched_grads` over Rows(feats, keep)): bank blocks start at multiples of 4096, a
+  multiple of the gradient batch (a power of two <= 4096), so each slice runs the same padded
+  batches; a last slice shorter than that batch is padded to it with its last row, as the
+  whole call pads its last batch."""
+
+  def __init__(self, det, state, feats, keep, targets, progress=None):
+    from grood_jax.grood.loss import default_batch_size
+    self.det, self.state, self.feats, self.keep, self.targets = det, state, feats, keep, targets
+    self.progress = progress
+    self.shape = (len(keep), int(np.shape(feats)[1]))
+    self.dtype = np.dtype(np.float32)
+    batch = default_batch_size(np.shape(state["class_protos"])[0] + 1, self.shape[1])
+    self.batch = min(batch, len(keep))
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, rows):
+    from grood_jax.features import Rows
+    if not isinstance(rows, slice) or rows.indices(len(self))[2] != 1:
+      raise TypeError("_BankGrads supports contiguous slices only")
+    start, stop, _ = rows.indices(len(self))
+    idx = np.arange(start, max(start, stop))
+    if len(idx) == 0:
+      return np.zeros((0, self.shape[1]), np.float32)
+    if len(idx) < self.batch:                       # the whole call's last padded batch
+      idx = np.concatenate([idx, np.full(self.batch - len(idx), idx[-1])])
+    g = self.det._batched_grads(self.state, Rows(self.feats, self.keep[idx]),
+                                self.targets[idx])[:stop - start]
+    if self.progress is not None:
+      self.progress(stop - start)
+    return g
+
+  def __array__(self, dtype=None, copy=None):
+    out = self[0:len(self)]
+    return out if dtype is None else out.astype(dtype)
+
+
 @register
 class GROOD(Detector):
   name = "grood"
@@ -201,8 +245,19 @@ class GROOD(Detector):
     else:
       from grood_jax.features import Rows        # the correct rows, read batch by batch
       keep = np.flatnonzero(correct)
-      state["bank"] = self._grads(ctx, state, Rows(feats_NxD, keep), preds_N[keep],
-                                  f"{train.name} (bank)")
+      if p["score_kind"] == "knn" and p["metric"] == "l2":
+        # One copy of the bank, on the device(s): the gradients of one bank block at a time go
+        # straight into it (no (N, D) host bank; `place_bank` in score() reuses it).
+        bar = ctx.bar(f"grood gradients {train.name} (bank)", len(keep), "sample")
+        try:
+          state["bank"] = ops.put_bank(_BankGrads(self, state, feats_NxD, keep, preds_N[keep],
+                                                  bar.update), int(p["k"]),
+                                       query_block=BANK_QUERY_BLOCK, bank_block=BANK_BLOCK)
+        finally:
+          bar.close()
+      else:
+        state["bank"] = self._grads(ctx, state, Rows(feats_NxD, keep), preds_N[keep],
+                                    f"{train.name} (bank)")
     return state
 
   def score(self, ctx: Context, state: dict, split: Split) -> np.ndarray:

@@ -21,6 +21,7 @@ class MaxLogit(Detector):
   defaults = {}
   grid = {}
   description = "maximum logit"
+  uses_train_logits = False
 
   def score(self, ctx, state, split) -> np.ndarray:
     return ops.as_np32(maxlogit_scores(ops.as_np32(split.logits)))

@@ -20,6 +20,7 @@ class MSP(Detector):
   defaults = {}
   grid = {}
   description = "maximum softmax probability"
+  uses_train_logits = False
 
   def score(self, ctx, state, split) -> np.ndarray:
     return ops.as_np32(msp_scores(ops.as_np32(split.logits)))

@@ -47,9 +47,12 @@ def bank_scores(grads_QxD, bank_NxD, *, k: int = 1, metric: str = "l2",
 def place_bank(bank_NxD, *, k: int = 1, metric: str = "l2", query_block: int = 1024,
                bank_block: int = 4096):
   """The gradient bank on the device(s) once (`ops.put_bank`; L2-normalised first for
-  metric="cosine"), for `bank_scores` / `gradient_scores` over many query chunks."""
+  metric="cosine"), for `bank_scores` / `gradient_scores` over many query chunks. A bank
+  placed already (`DeviceBank` / `ShardedBank`) is returned as it is for metric="l2"."""
   if metric not in METRICS:
     raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+  if metric == "l2" and isinstance(bank_NxD, (DeviceBank, ShardedBank)):
+    return bank_NxD                                  # placed already (GROOD's fit does)
   bank_NxD = np.asarray(bank_NxD, np.float32)
   if metric == "cosine":
     bank_NxD = np.asarray(l2_normalize(bank_NxD))

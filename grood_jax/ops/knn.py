@@ -164,8 +164,9 @@ def _rerank(q_QxD: np.ndarray, bank_NxD: np.ndarray, idx_QxJ: np.ndarray, k: int
             rows: int) -> tuple[np.ndarray, np.ndarray]:
   """Exact re-rank of the candidate rows idx_QxJ of every query (numpy in, numpy out).
 
-  The candidates are gathered on the host from the bank, `rows` queries at a time (the last
-  step padded, so one compilation per (rows, J, D, k))."""
+  The candidates are gathered from the bank (a host array, or a `DeviceBank`'s device
+  blocks), `rows` queries at a time (the last step padded, so one compilation per
+  (rows, J, D, k))."""
   q_total = len(q_QxD)
   dists = np.empty((q_total, k), np.float32)
   idx = np.empty((q_total, k), np.int32)
@@ -197,16 +198,60 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 class DeviceBank:
   """An (N, D) bank placed on the default device once, in augmented blocks ([b, ||b||^2],
-  padding rows +inf), for repeated `knn_search` calls; `host_NxD` (float32) is what the exact
-  re-rank gathers candidates from. Made by `put_bank`."""
+  padding rows +inf), for repeated `knn_search` calls. Made by `put_bank`. It is the one copy
+  of the bank: no host array is kept; the exact re-rank gathers its candidate rows from the
+  device blocks (`bank[idx]`, an integer index array), and `np.asarray(bank)` reads every row
+  back (a temporary host copy, for callers that want the array)."""
 
-  def __init__(self, host_NxD, blocks, bank_block: int, query_block: int, budget: int):
-    self.host_NxD, self.blocks, self.bank_block = host_NxD, blocks, bank_block
+  ndim = 2
+  dtype = np.dtype(np.float32)
+
+  def __init__(self, blocks, bank_block: int, query_block: int, budget: int, n: int, dim: int):
+    self.blocks, self.bank_block = blocks, bank_block
     self.query_block, self.budget = query_block, budget
-    self.n, self.dim = host_NxD.shape
+    self.n, self.dim = int(n), int(dim)
 
   def __len__(self) -> int:
     return self.n
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.n, self.dim)
+
+  def __getitem__(self, idx):
+    """Rows `idx` as numpy float32 idx.shape + (D,), gathered from the device blocks (an
+    integer index array); any other key reads the whole bank back first."""
+    if idx is None or isinstance(idx, (slice, tuple)):
+      return np.asarray(self)[idx]
+    idx = np.asarray(idx)
+    if not np.issubdtype(idx.dtype, np.integer):
+      return np.asarray(self)[idx]
+    flat = idx.reshape(-1).astype(np.int64)
+    flat = np.where(flat < 0, flat + self.n, flat)
+    if flat.size and (flat.min() < 0 or flat.max() >= self.n):
+      raise IndexError(f"DeviceBank: index out of range for {self.n} rows")
+    out = np.empty((flat.size, self.dim), np.float32)
+    blk = flat // self.bank_block
+    order = np.argsort(blk, kind="stable")
+    bounds = np.searchsorted(blk[order], np.arange(len(self.blocks) + 1))
+    for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+      if hi == lo:
+        continue
+      sel = order[lo:hi]
+      local = (flat[sel] - j * self.bank_block).astype(np.int32)
+      size = max(8, 1 << (len(local) - 1).bit_length())       # few compilations
+      rows = _take_rows(self.blocks[j][0], jnp.asarray(_pad_rows(local, size)), dim=self.dim)
+      out[sel] = np.asarray(rows)[:len(local)]
+    return out.reshape(idx.shape + (self.dim,))
+
+  def __array__(self, dtype=None, copy=None):
+    out = np.concatenate([np.asarray(b)[:, :self.dim] for b, _ in self.blocks])[:self.n]
+    return out if dtype is None else out.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("dim",))
+def _take_rows(block_BxA, rows_R, *, dim: int):
+  return block_BxA[rows_R, :dim]
 
 
 def _check_bank(bank_NxD, k: int, name: str = "knn_search") -> np.ndarray:
@@ -218,15 +263,31 @@ def _check_bank(bank_NxD, k: int, name: str = "knn_search") -> np.ndarray:
   return bank_NxD
 
 
+def _check_lazy_bank(bank_NxD, k: int, name: str):
+  shape = tuple(getattr(bank_NxD, "shape", ()))
+  if len(shape) != 2 or not hasattr(bank_NxD, "__getitem__"):
+    raise DetectorError(f"{name}: bank {shape} must be (N, D)")
+  if not 1 <= int(k) <= shape[0]:
+    raise DetectorError(f"{name}: k={int(k)} needs 1 <= k <= bank size ({shape[0]})")
+  return bank_NxD
+
+
 def put_bank(bank_NxD, k: int = 1, *, query_block: int | None = None,
              bank_block: int | None = None, memory_budget: int | None = None,
              exact: bool = True):
   """Places a bank for repeated `knn_search(queries, bank, k')` calls with k' <= `k`: a
   `DeviceBank` (one device) or, inside `parallel.data_parallel` with several devices, a
   `ShardedBank` split over the mesh. Block sizes as in `knn_search` for query blocks of
-  `query_block` rows (default 1024) and the k + re-rank margin candidates of `k`."""
-  bank_NxD = _check_bank(bank_NxD, k, "put_bank")
+  `query_block` rows (default 1024) and the k + re-rank margin candidates of `k`.
+
+  `bank_NxD` may also be a lazy (N, D) source with `.shape` and row slicing that returns
+  numpy (a memory map, `features.Rows`, rows computed on demand): on one device it is read one
+  bank block at a time straight into the device blocks, so no host copy of the whole bank
+  exists at any time (on a mesh it is read whole first)."""
   mesh = parallel.active_mesh()
+  lazy = mesh is None and not isinstance(bank_NxD, (np.ndarray, jax.Array, list, tuple))
+  bank_NxD = _check_lazy_bank(bank_NxD, k, "put_bank") if lazy else _check_bank(bank_NxD, k,
+                                                                                 "put_bank")
   if mesh is not None:
     return shard_bank(bank_NxD, mesh, bank_block=bank_block,
                       query_block=_MAX_QUERY_BLOCK if query_block is None else int(query_block),
@@ -249,10 +310,10 @@ def _place_blocks(bank_NxD: np.ndarray, bank_block: int, query_block: int,
     bb = n if n < _CHUNK or bb % _CHUNK else -(-n // _CHUNK) * _CHUNK
   blocks = []
   for start in range(0, n, bb):
-    b = jnp.asarray(_pad_rows(bank_NxD[start:start + bb], bb))
+    b = jnp.asarray(_pad_rows(np.asarray(bank_NxD[start:start + bb], np.float32), bb))
     blocks.append((_augment_bank_jit(b, n - start), jnp.int32(start)))
     del b
-  return DeviceBank(bank_NxD, blocks, bb, max(1, int(query_block)), budget)
+  return DeviceBank(blocks, bb, max(1, int(query_block)), budget, n, bank_NxD.shape[1])
 
 
 def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
@@ -269,7 +330,7 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
   ||q||^2 - 2 q.b + ||b||^2 with one matmul per block at precision HIGHEST, clamped at 0;
   ||b||^2 is computed once per bank block. With `exact` (default) the search keeps the best
   k + `rerank_margin(k, N)` candidates and re-ranks them by the exact difference
-  sum_j (q_j - b_j)^2 (candidate rows gathered from the host bank in steps bounded by the same
+  sum_j (q_j - b_j)^2 (candidate rows gathered from the bank in steps bounded by the same
   budget), so the returned distances are direct ones and near-ties are ordered as sklearn
   orders them; `exact=False` returns the expansion's top k. The bank is put on the device once,
   block by block (one copy); one compilation per (block shapes, k): a query set smaller than
@@ -292,7 +353,7 @@ def knn_search(queries_QxD, bank_NxD, k: int, *, query_block: int | None = None,
   queries_QxD = np.asarray(queries_QxD, np.float32)
   k = int(k)
   placed = bank_NxD if isinstance(bank_NxD, DeviceBank) else None
-  host = placed.host_NxD if placed is not None else np.asarray(bank_NxD, np.float32)
+  host = placed if placed is not None else np.asarray(bank_NxD, np.float32)   # re-rank rows
   if queries_QxD.ndim != 2 or host.ndim != 2 or queries_QxD.shape[1] != host.shape[1]:
     raise DetectorError(f"knn_search: queries {queries_QxD.shape} and bank {host.shape} "
                         "must be (Q, D) and (N, D)")
@@ -410,6 +471,9 @@ class ShardedBank:
   def __init__(self, aug_RxA, n, dim, bank_block, n_blocks, mesh, axis, host_NxD=None):
     self.aug_RxA, self.n, self.dim, self.host_NxD = aug_RxA, n, dim, host_NxD
     self.bank_block, self.n_blocks, self.mesh, self.axis = bank_block, n_blocks, mesh, axis
+
+  def __len__(self) -> int:
+    return self.n
 
 
 def sharded_knn_search(queries_QxD, bank, k: int, mesh, *, axis: str | None = None,

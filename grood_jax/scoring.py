@@ -464,8 +464,11 @@ def score_prepared(prep: Prepared, opts: ScoreOptions, *,
           f"{bench.name!r} has none")
       continue
     runs = [(name, params_user)]
+    select_s = None
     if opts.select and make_detector(name, **params_user).grid:  # no grid: nothing to select
+      t_sel = time.time()
       chosen, grid = select_params(name, params_user, ctx, id_val, sel_val, log, progress)
+      select_s = time.time() - t_sel
       results["selection"][name] = {"chosen": _jsonable(chosen), "grid": grid,
                                     "id_val": id_val.name, "ood_val": sel_val.name}
       if name == "grood":  # report the authors' setting beside the selected one
@@ -483,6 +486,8 @@ def score_prepared(prep: Prepared, opts: ScoreOptions, *,
                "outlier_data": bool(det.uses_outlier_data() or train_outliers),
                **group_means(per_set)}
       results["detectors"][label] = entry
+      if select_s is not None and label == name:   # the selection's time, beside its row's
+        det_timing["select_s"] = select_s
       timing[label] = det_timing
       all_scores[label] = scores
       log(f"{label}: fit {det_timing['fit_s']:.1f}s, score {det_timing['score_s']:.1f}s")

@@ -9,7 +9,14 @@ to trust on a shared machine). Peak memory: one fresh subprocess per (N, method)
 result. At N = 1M the exact methods are timed on a subset of the queries (--big-queries,
 default 1000) and extrapolated per query; said so in the JSON.
 
-  python benchmarks/knn.py [--quick] [--out DIR]
+Dimension sweep (issue 17 item 3, `--dims`, default 64,128,256,512; `--ks`, default 1,50):
+Q = 10k queries x N = 100k bank (`--sweep-queries`, `--sweep-bank`), ours (`knn_search`, exact,
+default block choice) and faiss IndexFlatL2 (index build + search, all cores) side by side in
+one process, the two interleaved round by round after a warm-up run each; the ratio is the ratio
+of the medians. Recorded as payload["dim_rows"]; the run conditions (CPU as reported, 1-minute
+load at start and end, flagged above 2 per core) in payload["conditions"].
+
+  python benchmarks/knn.py [--quick] [--out DIR] [--part dims|banks|both] [--dims 64,128]
 """
 
 from __future__ import annotations
@@ -92,6 +99,12 @@ def main():
   ap.add_argument("--big-queries", type=int, default=1000,
                   help="queries timed for the exact methods at N = 1M")
   ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+  ap.add_argument("--part", choices=["dims", "banks", "both"], default="both",
+                  help="the dimension sweep, the bank-size sweep (D = 512), or both")
+  ap.add_argument("--dims", default=None, help="dimension sweep: D values (default 64,128,256,512)")
+  ap.add_argument("--ks", default=None, help="dimension sweep: k values (default 1,50)")
+  ap.add_argument("--sweep-queries", type=int, default=None, help="dimension sweep: Q (10000)")
+  ap.add_argument("--sweep-bank", type=int, default=None, help="dimension sweep: N (100000)")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.worker:
@@ -108,6 +121,15 @@ def main():
   if faiss is not None:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
   from grood_jax.ops import knn_search
+  dim_rows = []
+  if args.part in ("dims", "both"):
+    dims = [int(x) for x in (args.dims or ("16,64" if args.quick else "64,128,256,512")).split(",")]
+    ks = [int(x) for x in (args.ks or ("1,5" if args.quick else "1,50")).split(",")]
+    sq = args.sweep_queries or (200 if args.quick else 10_000)
+    sn = args.sweep_bank or (2_000 if args.quick else 100_000)
+    dim_rows = dim_sweep(dims, ks, sq, sn, reps)
+  if args.part == "dims":
+    banks = []
   rows = []
   for n in banks:
     q_all, bank = make_data(n, n_query, dim)
@@ -148,6 +170,10 @@ def main():
     del bank, q_all, fns, exact_fns
 
   payload = {"benchmark": NAME, "quick": args.quick, "machine": _util.machine(), "k": 1,
+             "dim_rows": dim_rows, "dim_sweep": (
+                 "ours (knn_search, exact, default blocks) and faiss IndexFlatL2 (build + "
+                 "search) interleaved round by round after one warm-up run each; medians; "
+                 "ours/faiss_flat = ratio of the medians"),
              "data": "seeded Gaussian mixture, 100 clusters", "timing": (
                  "median of interleaved runs in one process after a warm-up run (JIT compile "
                  "excluded); at N=1M one run of the exact methods on Q_timed_exact queries, "
@@ -155,24 +181,79 @@ def main():
              "memory": "peak RSS (VmHWM) of a fresh subprocess per (N, method); "
                        "rss_over_data = peak minus the RSS after making queries and bank",
              "rows": rows}
+  if dim_rows:
+    print()
+    print(_util.table(dim_rows, ["N", "Q", "D", "k", "ours_s", "faiss_flat_s", "ours/faiss_flat",
+                                 "faiss_flat/ours", "query_block", "bank_block", "idx_agree"]))
   print()
-  print(_util.table(rows, ["N", "ours_s", "faiss_flat_s", "ours/faiss_flat", "faiss_ivf_s",
+  if rows:
+    print(_util.table(rows, ["N", "ours_s", "faiss_flat_s", "ours/faiss_flat", "faiss_ivf_s",
                            "faiss_ivf_recall@1", "ours_peak_rss_gib", "faiss_flat_peak_rss_gib",
                            "faiss_ivf_peak_rss_gib", "bank_gib"]))
+  for r in dim_rows:
+    if "ours/faiss_flat" in r:
+      print(f"D={r['D']} k={r['k']}: ours / faiss IndexFlatL2 = {r['ours/faiss_flat']:.2f}")
   for r in rows:
     if "ours/faiss_flat" in r:
       print(f"N={r['N']}: ours / faiss IndexFlatL2 = {r['ours/faiss_flat']:.2f}")
   _util.finish(payload, cond)
   path = _util.save(NAME, payload, args.out)
-  plot(rows, _util.plot_path(NAME, args.out))
+  plot(rows, _util.plot_path(NAME, args.out), dim_rows)
   print(f"wrote {path}")
 
 
-def plot(rows, path):
+def dim_sweep(dims, ks, n_query, n_bank, reps):
+  """Ours vs faiss IndexFlatL2 at each (D, k): interleaved rounds, medians, their ratio."""
+  from grood_jax.ops import knn as knn_ops
+  out = []
+  for dim in dims:
+    queries, bank = make_data(n_bank, n_query, dim)
+    for k in ks:
+      fns = methods(queries, bank, k)
+      fns.pop("faiss_ivf", None)
+      kc = k + knn_ops.rerank_margin(k, n_bank)
+      qb, bb = knn_ops.block_sizes_for_budget(
+          knn_ops.padded_query_block(knn_ops._MAX_QUERY_BLOCK, n_query), n_bank, dim, kc)
+      row = {"N": n_bank, "Q": n_query, "D": dim, "k": k, "query_block": qb, "bank_block": bb}
+      if "faiss_flat" in fns:         # the same neighbours (float ties aside)
+        row["idx_agree"] = float(np.mean(fns["ours"]()[1] == fns["faiss_flat"]()[1]))
+      t = _util.interleaved(fns, reps=reps, warmup=1)
+      for name, secs in t.items():
+        row[f"{name}_s"] = secs
+      if "faiss_flat_s" in row:
+        row["ours/faiss_flat"] = row["ours_s"] / row["faiss_flat_s"]
+        row["faiss_flat/ours"] = row["faiss_flat_s"] / row["ours_s"]
+      row["load_1min"] = os.getloadavg()[0]
+      out.append(row)
+      print(_util.table([row], list(row)), flush=True)
+    del queries, bank
+  return out
+
+
+def plot(rows, path, dim_rows=()):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  panels = (2 if rows else 0) + (1 if dim_rows else 0)
+  fig, axes = plt.subplots(1, max(1, panels), figsize=(5 * max(1, panels), 4), squeeze=False)
+  axes = list(axes[0])
+  if dim_rows:
+    ax = axes.pop()
+    for k in sorted({r["k"] for r in dim_rows}):
+      sel = [r for r in dim_rows if r["k"] == k and "ours/faiss_flat" in r]
+      if sel:
+        ax.plot([r["D"] for r in sel], [r["ours/faiss_flat"] for r in sel], "o-", label=f"k={k}")
+    ax.axhline(1.2, color="grey", ls="--", lw=1, label="1.2x target")
+    ax.axhline(1.0, color="black", lw=0.5)
+    ax.set_xscale("log", base=2); ax.set_xlabel("dimension D")
+    ax.set_ylabel("ours / faiss IndexFlatL2 (time)"); ax.legend()
+    ax.set_title(f"exact kNN, Q={dim_rows[0]['Q']}, N={dim_rows[0]['N']}")
+  if not rows:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return
+  ax1, ax2 = axes
   ns = [r["N"] for r in rows]
   for key, label in [("ours_s", "ours (exact, jnp)"), ("faiss_flat_s", "faiss IndexFlatL2"),
                      ("faiss_ivf_s", "faiss IVF (train+search)")]:

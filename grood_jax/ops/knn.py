@@ -8,7 +8,10 @@ Candidates by squared L2 distances ||q||^2 - 2 q.b + ||b||^2, one matmul per (qu
 bank block) at precision HIGHEST, clamped at 0; the best k + margin candidates are then re-ranked
 by the exact difference sum_j (q_j - b_j)^2 (`exact=True`, the default), so near-ties resolve as
 a direct computation would (sklearn); equal distances resolve to the lower bank index. Memory is
-bounded by the blocks (`block_sizes_for_budget`), whatever the bank size. Inside
+bounded by the blocks (`block_sizes_for_budget`: below D = 512 short query blocks and long,
+evenly split bank blocks, since there the per-row top-k rather than the matmul dominates),
+whatever the bank size; within a block the candidates are narrowed by chunk minima before the
+exact top-k (`_block_topk`). Inside
 `parallel.data_parallel(mesh)` with several devices `knn_search` shards the bank itself:
 each device scans its slice in blocks, the local k best (global indices) are all-gathered and
 merged by a final top-k, so the result equals the single-device one.
@@ -29,9 +32,13 @@ from grood_jax.errors import DetectorError
 from grood_jax.ops.numerics import HIGHEST
 
 DEFAULT_MEMORY_BUDGET = 512 << 20    # bytes for one block step of `knn_search`
-_CHUNK = 256                         # bank rows per chunk of the two-stage block top-k
+_CHUNK = 256                         # bank rows per chunk of the block top-k's first stage
+_SUBCHUNK = 16                       # rows per sub-chunk of its second stage (k + margin >= 16)
 _MAX_QUERY_BLOCK = 1024
 _MAX_BANK_BLOCK = 16384
+_LOW_DIM = 512                       # below: the low-dimension block preference
+_LOW_DIM_QUERY_BLOCK = 128
+_LOW_DIM_BANK_BLOCK = 131072
 _DIST_COPIES = 3                     # live (Q, B) buffers per block step: dot, fused, top-k
 
 
@@ -42,13 +49,20 @@ def block_sizes_for_budget(num_queries: int, bank_size: int, dim: int, k: int,
   One step of `knn_search` holds a query block (qb x D), the (qb x bb) distances with up to
   `_DIST_COPIES` live copies of that size (dot output, the fused distance, the top-k input),
   and the running k best (qb x k distances and indices, a few copies). The bank itself is not
-  counted: it is the input, held once. Preferences (measured on CPU, see
-  benchmarks/knn.py): query blocks of up to 1024 rows, bank blocks of up to 16384 rows in
-  multiples of 256 (the chunk of the two-stage top-k); the bank block shrinks first, then the
-  query block. Never below (1, 1); a budget too small even for that still gets (1, 1).
+  counted: it is the input, held once. Preferences (measured on CPU, see benchmarks/knn.py):
+  for D >= 512 query blocks of up to 1024 rows and bank blocks of up to 16384; below that
+  (`_LOW_DIM`: the matmul is cheap and the per-row top-k dominates, so few long bank blocks
+  per query row pay off) query blocks of up to 128 rows and bank blocks of up to 131072. Bank
+  blocks are multiples of 256 (the chunk of the block top-k) where possible, and the bank is
+  split into blocks of nearly equal size (100k rows: 7 x 14336, not 7 x 16384 with the last
+  one 15 % full). The bank block shrinks first, then the query block. Never below (1, 1); a
+  budget too small even for that still gets (1, 1).
   """
   q, n, d, k = max(1, int(num_queries)), max(1, int(bank_size)), max(1, int(dim)), max(1, int(k))
   budget = max(0, int(budget_bytes)) // 4           # in float32 / int32 words
+  low = d < _LOW_DIM
+  max_qb = _LOW_DIM_QUERY_BLOCK if low else _MAX_QUERY_BLOCK
+  max_bb = _LOW_DIM_BANK_BLOCK if low else _MAX_BANK_BLOCK
 
   def fits(qb, bb):
     return qb * (d + 8 * k) + bb * d + _DIST_COPIES * qb * (bb + k) <= budget
@@ -56,15 +70,21 @@ def block_sizes_for_budget(num_queries: int, bank_size: int, dim: int, k: int,
   def round_bank(bb):                               # a multiple of the chunk where possible
     return bb - bb % _CHUNK if bb >= _CHUNK else bb
 
+  def even(bb):                                     # same block count, blocks nearly equal
+    if bb < _CHUNK or bb >= n:
+      return bb
+    per = -(-n // -(-n // bb))
+    return min(bb, -(-per // _CHUNK) * _CHUNK)
+
   bank_cap = -(-n // _CHUNK) * _CHUNK if n > _CHUNK else n     # whole bank, chunk-padded
-  bank_cap = min(bank_cap, _MAX_BANK_BLOCK)
-  qb = min(q, _MAX_QUERY_BLOCK)
+  bank_cap = min(bank_cap, max_bb)
+  qb = min(q, max_qb)
   while True:
     free = budget - qb * (d + 8 * k) - _DIST_COPIES * qb * k
     bb = min(bank_cap, max(0, free) // (d + _DIST_COPIES * qb))
     bb = round_bank(bb)
     if bb >= min(bank_cap, _CHUNK) and fits(qb, bb):
-      return qb, bb
+      return qb, even(bb)
     if qb == 1:
       return 1, max(1, bb)
     qb = max(1, qb // 2)
@@ -87,54 +107,80 @@ _augment_bank_jit = jax.jit(_augment_bank)
 _augment_queries_jit = jax.jit(_augment_queries)
 
 
-def _block_topk(qa_QxA, qsq_Q, ba_BxA, offset, k: int):
-  """The k nearest rows of one augmented bank block (ascending, ties by index): (Q, kk) x 2.
+def _select_chunks(qsq_Q, e_QxM, kk: int, chunk: int):
+  """The kk chunks of `chunk` consecutive columns of e (Q, M) with the smallest distances, in
+  column order: (their values (Q, kk * chunk), their columns (Q, kk * chunk)).
 
-  kk = min(k, B); A = D + 1 (`_augment_queries`, `_augment_bank`). One matmul per block gives
+  d = max(||q||^2 + e, 0) is non-decreasing in e, so the smallest d of a chunk is d of its
+  smallest e: one fast pass (a min over each chunk) and a top-k over M / chunk values. The
+  chunks are ranked by d (not e: d clamps, so rows of different e can tie in d), ties to the
+  lower chunk, and taken in column order. Exact, ties included: every row of a chunk left out
+  is preceded in (distance, column) order by the best rows of the kk chunks chosen, so the
+  k <= kk best rows all lie in the chosen chunks, and their order (column order) is kept."""
+  q, m = e_QxM.shape
+  e_QxCxL = e_QxM.reshape(q, m // chunk, chunk)
+  d_min = jnp.maximum(qsq_Q[:, None] + jnp.min(e_QxCxL, axis=2), 0.0) + 0.0
+  _, chunk_QxK = jax.lax.top_k(-d_min, kk)
+  chunk_QxK = jnp.sort(chunk_QxK, axis=1)                       # column order
+  vals = jnp.take_along_axis(e_QxCxL, chunk_QxK[:, :, None], axis=1).reshape(q, kk * chunk)
+  cols = (chunk_QxK[:, :, None] * chunk + jnp.arange(chunk, dtype=jnp.int32)).reshape(
+      q, kk * chunk)
+  return vals, cols
+
+
+def _selection_levels(nb: int, kk: int) -> tuple[int, ...]:
+  """Chunk sizes of the stages of `_block_topk` for a block of nb rows and kk best: ().
+
+  First stage: the largest power-of-two chunk <= 256 that divides nb and leaves >= 4 kk
+  chunks; none (a plain top-k over the block) if even 16 does not. Second stage, for
+  kk >= 16 (XLA's CPU top-k costs grow with k, ~10-40 ns per element in one thread): chunks of
+  16 within the kk first-stage chunks, when those chunks hold >= 4 sub-chunks each. Measured
+  at D = 128, k + margin = 58 (CPU, benchmarks/knn.py): a plain top-k of a 16384-row block cost
+  ~1.5x the block's matmul; for the 100k-row low-dimension block the two stages give top-k
+  inputs of 391, 928 and 58 + 928 values per query row instead of 100096."""
+  chunk = _CHUNK
+  while chunk >= _SUBCHUNK and (nb % chunk or nb // chunk < 4 * kk):
+    chunk //= 2
+  if chunk < _SUBCHUNK:
+    return ()
+  if kk >= 16 and chunk >= 4 * _SUBCHUNK:
+    return (chunk, _SUBCHUNK)
+  return (chunk,)
+
+
+def _block_topk(qa_QxA, qsq_Q, ba_BxA, offset, k: int, best=None):
+  """The k nearest rows of one augmented bank block (ascending, ties by index): (Q, k) x 2,
+  merged with `best` (the running (d, i) of earlier blocks, lower indices) when given.
+
+  A = D + 1 (`_augment_queries`, `_augment_bank`). One matmul per block gives
   e = -2 q.b + ||b||^2 (precision HIGHEST); the distance is d = max(||q||^2 + e, 0), +inf on
-  padding rows (their ||b||^2 is +inf). d is a non-decreasing function of e, so the minimum
-  of d over any set of rows is d of the minimum of e. For small k the top-k therefore runs in
-  two stages without ever forming d over the whole block: the minimum e of every chunk of 256
-  rows (one fast pass over the matmul output), the k chunks with the smallest d(min e) (ties:
-  the lower chunk), and an exact top-k of d over those k chunks taken in index order. Exact,
-  ties included: a chunk left out is preceded by k chosen chunks whose best rows all come
-  before any of its rows in (distance, index) order.
-  """
+  padding rows (their ||b||^2 is +inf). The candidates are narrowed without forming d over
+  the whole block by `_select_chunks`, once or twice (`_selection_levels`: chunks of up to
+  256 rows, then of 16 within them), and one exact top-k of d over the running best followed
+  by the candidates in index order gives the result: equal distances go to the lower index."""
   nb = ba_BxA.shape[0]
   e_QxB = jnp.matmul(qa_QxA, ba_BxA.T, precision=HIGHEST)
-
-  def dist(e):
-    return jnp.maximum(qsq_Q.reshape((-1,) + (1,) * (e.ndim - 1)) + e, 0.0) + 0.0   # -0 -> +0
-
   kk = min(k, nb)
-  n_chunks = nb // _CHUNK
-  if nb % _CHUNK == 0 and n_chunks >= 4 * kk:
-    e_QxCxL = e_QxB.reshape(e_QxB.shape[0], n_chunks, _CHUNK)
-    _, chunk_QxK = jax.lax.top_k(-dist(jnp.min(e_QxCxL, axis=2)), kk)
-    chunk_QxK = jnp.sort(chunk_QxK, axis=1)                       # index order for ties
-    cand_QxKL = jnp.take_along_axis(e_QxCxL, chunk_QxK[:, :, None], axis=1).reshape(
-        e_QxB.shape[0], kk * _CHUNK)
-    neg_d, pos = jax.lax.top_k(-dist(cand_QxKL), kk)
-    local = jnp.take_along_axis(chunk_QxK, pos // _CHUNK, axis=1) * _CHUNK + pos % _CHUNK
-  else:
-    neg_d, local = jax.lax.top_k(-dist(e_QxB), kk)
-  return -neg_d, offset + local.astype(jnp.int32)
-
-
-def _merge_topk(best_d_QxK, best_i_QxK, new_d_QxJ, new_i_QxJ, k: int):
-  """k best of two candidate lists; the first must hold the lower indices on ties."""
-  cand_d = jnp.concatenate([best_d_QxK, new_d_QxJ], axis=1)
-  cand_i = jnp.concatenate([best_i_QxK, new_i_QxJ], axis=1)
-  neg_d, pos = jax.lax.top_k(-cand_d, k)              # lower position first among equals
+  cols = None
+  for chunk in _selection_levels(nb, kk):
+    e_QxB, c = _select_chunks(qsq_Q, e_QxB, kk, chunk)
+    cols = c if cols is None else jnp.take_along_axis(cols, c, axis=1)
+  if cols is None:
+    cols = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), e_QxB.shape)
+  cand_d = jnp.maximum(qsq_Q[:, None] + e_QxB, 0.0) + 0.0          # -0 -> +0
+  cand_i = offset + cols.astype(jnp.int32)
+  if best is not None:                     # the running best (lower indices) goes first
+    cand_d = jnp.concatenate([best[0], cand_d], axis=1)
+    cand_i = jnp.concatenate([best[1], cand_i], axis=1)
+    kk = k
+  neg_d, pos = jax.lax.top_k(-cand_d, kk)              # lower position first among equals
   return -neg_d, jnp.take_along_axis(cand_i, pos, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _knn_merge_block(qa_QxA, qsq_Q, ba_BxA, offset, best_d_QxK, best_i_QxK, *, k):
   """Merges one augmented bank block into the running k best (ascending, ties by index)."""
-  d_QxJ, i_QxJ = _block_topk(qa_QxA, qsq_Q, ba_BxA, offset, k)
-  # The running best (all from earlier blocks, so lower indices) goes first.
-  return _merge_topk(best_d_QxK, best_i_QxK, d_QxJ, i_QxJ, k)
+  return _block_topk(qa_QxA, qsq_Q, ba_BxA, offset, k, best=(best_d_QxK, best_i_QxK))
 
 
 def rerank_margin(k: int, n: int) -> int:
@@ -420,8 +466,7 @@ def _sharded_search_fn(mesh, axis: str, k: int, bb: int, n_blocks: int):
 
     def body(best, xs):
       block_BxA, j = xs
-      d, i = _block_topk(qa_QxA, qsq_Q, block_BxA, first + j * bb, k)
-      return _merge_topk(*best, d, i, k), None
+      return _block_topk(qa_QxA, qsq_Q, block_BxA, first + j * bb, k, best=best), None
 
     (best_d, best_i), _ = jax.lax.scan(body, init,
                                        (blocks_NbxBxA, jnp.arange(n_blocks, dtype=jnp.int32)))

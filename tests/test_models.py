@@ -78,36 +78,3 @@ def test_dense_cnn_interface_and_features():
                              np.asarray(h) @ np.asarray(m.fc.kernel[...]) + np.asarray(m.fc.bias[...]),
                              rtol=1e-5, atol=1e-5)
 
-
-@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])      # even, odd (cropped)
-def test_max_pool_2x2_values_and_derivatives(shape):
-  """max_pool_2x2 equals nnx.max_pool forward; its derivatives (grad, jvp, grad of grad)
-  equal the numpy argmax rule where the window maximum is unique, and split a tie evenly."""
-  from grood_jax.models.cnn import max_pool_2x2
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-  np.testing.assert_array_equal(max_pool_2x2(x), nnx.max_pool(x, (2, 2), strides=(2, 2)))
-  w = jnp.asarray(rng.normal(size=max_pool_2x2(x).shape).astype(np.float32))
-  g = np.asarray(jax.grad(lambda x: jnp.sum(w * max_pool_2x2(x)))(x))
-  b, h, wd, c = shape
-  want = np.zeros(shape, np.float32)
-  xn = np.asarray(x)
-  for i in range(b):
-    for r in range(h // 2):
-      for s in range(wd // 2):
-        for ch in range(c):
-          win = xn[i, 2 * r:2 * r + 2, 2 * s:2 * s + 2, ch]
-          a, bb = np.unravel_index(np.argmax(win), (2, 2))
-          want[i, 2 * r + a, 2 * s + bb, ch] = np.asarray(w)[i, r, s, ch]
-  np.testing.assert_array_equal(g, want)
-  t = jnp.asarray(rng.normal(size=shape).astype(np.float32))
-  _, jt = jax.jvp(max_pool_2x2, (x,), (t,))
-  _, jref = jax.jvp(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2)), (x,), (t,))
-  np.testing.assert_allclose(jt, jref, rtol=1e-6, atol=1e-7)
-  f = lambda x: jnp.sum(jnp.sin(max_pool_2x2(x)) ** 2)              # noqa: E731
-  fr = lambda x: jnp.sum(jnp.sin(nnx.max_pool(x, (2, 2), strides=(2, 2))) ** 2)  # noqa: E731
-  hv = jax.jvp(jax.grad(f), (x,), (t,))[1]
-  hr = jax.jvp(jax.grad(fr), (x,), (t,))[1]
-  np.testing.assert_allclose(hv, hr, rtol=1e-5, atol=1e-6)
-  tie = jnp.ones((1, 2, 2, 1), jnp.float32)                          # four-way tie
-  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(max_pool_2x2(x)))(tie), 0.25)

@@ -7,45 +7,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def _window_mask(x: jax.Array, y: jax.Array):
-  """(x cropped and split into 2x2 windows (B, H/2, 2, W/2, 2, C), where it equals its window's
-  max y, and 1 / the number of such places per window)."""
-  b, h, w, c = x.shape
-  xr = x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
-  hit = xr == y[:, :, None, :, None, :]
-  inv = 1.0 / jnp.sum(hit, axis=(2, 4), dtype=x.dtype)
-  return hit, inv
-
-
-@jax.custom_jvp
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max pooling with stride 2, VALID: `nnx.max_pool(x, (2, 2), strides=(2, 2))` (an odd
-  last row / column dropped), the same forward values, with a cheaper derivative.
-
-  XLA:CPU differentiates `reduce_window` max through a variadic reduce-window that carries
-  the argmax's indices (four int32 index maps the size of the pooled input per pool): in the
-  SmallCNN training step (width 16, batch 128) that index tracking took about 17 % of the
-  CPU time (jax.profiler trace, 2026-12-02). Here the derivative is elementwise instead: the
-  tangent of a window's max is the mean of the input's tangents where the input equals that
-  max (the tangent itself where the max is unique, which is where the two agree; ties are
-  split evenly instead of going to the first). The JVP is
-  linear in the tangent, so reverse mode (and reverse over reverse) transposes it into a mask.
-  After a ReLU the ties are zeros, whose gradient the ReLU zeroes either way. The forward pass
-  is still `reduce_window` (faster on CPU than a max over reshaped axes).
-  """
-  return nnx.max_pool(x, (2, 2), strides=(2, 2))
-
-
-@max_pool_2x2.defjvp
-def _max_pool_2x2_jvp(primals, tangents):
-  (x,), (t,) = primals, tangents
-  y = max_pool_2x2(x)
-  hit, inv = _window_mask(x, y)
-  b, h, w, c = t.shape
-  tr = t[:, :h // 2 * 2, :w // 2 * 2].reshape(hit.shape)
-  return y, jnp.sum(jnp.where(hit, tr, 0), axis=(2, 4)) * inv
-
-
 class SmallCNN(nnx.Module):
   """conv-conv-pool | conv-conv-pool-conv-GAP | dense.
 
@@ -86,12 +47,12 @@ class SmallCNN(nnx.Module):
   def early(self, x: jax.Array) -> jax.Array:
     x = nnx.relu(self.bn1(self.conv1(x)))
     x = nnx.relu(self.bn2(self.conv2(x)))
-    return max_pool_2x2(x)
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
 
   def _block2(self, e: jax.Array) -> jax.Array:
     x = nnx.relu(self.bn3(self.conv3(e)))
     x = nnx.relu(self.bn4(self.conv4(x)))
-    return max_pool_2x2(x)
+    return nnx.max_pool(x, (2, 2), strides=(2, 2))
 
   def _tail(self, x: jax.Array) -> jax.Array:
     x = nnx.relu(self.bn5(self.conv5(x)))
@@ -149,10 +110,10 @@ class DenseCNN(nnx.Module):
     self.fc = nnx.Linear(feature_dim, num_classes, rngs=rngs)
 
   def early(self, x: jax.Array) -> jax.Array:
-    return max_pool_2x2(nnx.relu(self.conv1(x)))
+    return nnx.max_pool(nnx.relu(self.conv1(x)), (2, 2), strides=(2, 2))
 
   def _block2(self, e: jax.Array) -> jax.Array:
-    return max_pool_2x2(nnx.relu(self.conv2(e)))
+    return nnx.max_pool(nnx.relu(self.conv2(e)), (2, 2), strides=(2, 2))
 
   def _tail(self, x: jax.Array) -> jax.Array:
     return nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))

@@ -77,4 +77,3 @@ def test_dense_cnn_interface_and_features():
   np.testing.assert_allclose(np.asarray(m.head(h)),
                              np.asarray(h) @ np.asarray(m.fc.kernel[...]) + np.asarray(m.fc.bias[...]),
                              rtol=1e-5, atol=1e-5)
-

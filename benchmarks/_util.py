@@ -119,6 +119,20 @@ class Conditions:
     return out
 
 
+def load_torch_twin(net, state_dict: dict, who: str):
+  """Loads a numpy state dict (from `grood_jax.convert.state_dict_of`) into a torch module and
+  puts it in eval mode; a key that does not fit (other than BatchNorm's num_batches_tracked)
+  ends the run."""
+  import numpy as np
+  import torch
+  missing, unexpected = net.load_state_dict(
+      {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}, strict=False)
+  bad = [k for k in missing if not k.endswith("num_batches_tracked")] + list(unexpected)
+  if bad:
+    raise SystemExit(f"{who}: keys do not fit: {bad}")
+  return net.eval()
+
+
 def finish(payload: dict, cond: Conditions) -> dict:
   """Adds the run conditions (payload["conditions"], payload["loaded"]) and prints them."""
   c = cond.finish()

@@ -131,14 +131,8 @@ def torch_twin(torch, model):
       h = self.tail(self.block2(e))
       return self.fc(h), h
 
-  net = TorchSmallCNN()
-  missing, unexpected = net.load_state_dict(
-      {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False)
-  bad = [k for k in missing if not k.endswith("num_batches_tracked")] + list(unexpected)
-  if bad:
-    raise SystemExit(f"torch twin: keys do not fit: {bad}")
-  net.eval()                                      # parameters keep requires_grad, as there
-  return net
+  # eval mode; the parameters keep requires_grad, as in the reference
+  return _util.load_torch_twin(TorchSmallCNN(), sd, "torch twin")
 
 
 def to_torch(torch, images_u8, mean, std):

@@ -91,13 +91,7 @@ def torch_resnet50(torch, model):
       h = self.layer4(self.layer3(self.layer2(e))).mean((2, 3))
       return e, h, self.fc(h)
 
-  net = ResNet50()
-  missing, unexpected = net.load_state_dict(
-      {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=False)
-  bad = [k for k in missing if not k.endswith("num_batches_tracked")] + list(unexpected)
-  if bad:
-    raise SystemExit(f"torch ResNet-50: keys do not fit: {bad}")
-  return net.eval()
+  return _util.load_torch_twin(ResNet50(), sd, "torch ResNet-50")
 
 
 def build(torch, arch):

@@ -121,7 +121,7 @@ def test_read_ahead_runs_in_threads_within_the_window():
   (between reads: prefetch + 1), the bound streaming.py states."""
   n, batch, prefetch = 60, 4, 6
   data = np.random.default_rng(1).integers(0, 256, (n, 3, 3, 1), dtype=np.uint8)
-  lock = threading.Lock()
+  lock = threading.Condition()
   calls, consumed, violations = [], [0], []
 
   def decode(i):
@@ -129,6 +129,7 @@ def test_read_ahead_runs_in_threads_within_the_window():
       calls.append((i, threading.current_thread().name))
       if i >= consumed[0] + batch + prefetch + 1:
         violations.append((i, consumed[0]))
+      lock.notify_all()
     time.sleep(0.002)
     return data[i]
 
@@ -139,9 +140,9 @@ def test_read_ahead_runs_in_threads_within_the_window():
     with lock:
       consumed[0] += len(got)
     out.append(got)
-    if start == 0:
-      time.sleep(0.3)                  # the caller "computes": the pipeline reads ahead
-      with lock:
+    if start == 0:                     # the caller "computes": the pipeline reads ahead
+      with lock:                       # (waits for the decodes themselves; 120 s: hang guard)
+        lock.wait_for(lambda: len(calls) - consumed[0] >= prefetch - 1, timeout=120)
         ahead = len(calls) - consumed[0]
       assert ahead >= prefetch - 1, (ahead, calls)       # batches 2.. were decoded already
       assert ahead <= prefetch + 1, ahead                # ... but only the window

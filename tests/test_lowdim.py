@@ -65,6 +65,20 @@ def test_param_grads_match_a_loop(tiny):
                                 np.asarray(ravel_pytree(nnx.state(model, nnx.Param))[0]))
 
 
+def test_param_grads_in_chunks_equal_the_whole_batch(tiny):
+  """param_grads(chunk=c) computes c rows per call: the same rows as one call (to float
+  rounding), for a chunk that divides the batch and one that leaves a short last chunk."""
+  x = tiny["x"][:BS]
+  whole = np.asarray(lowdim.param_grads(tiny["fns"], tiny["fns"].params, x, chunk=None))
+  np.testing.assert_allclose(whole, tiny["G"][:BS], rtol=1e-5, atol=1e-7)
+  for c in (4, 5, 1):
+    got = np.asarray(lowdim.param_grads(tiny["fns"], tiny["fns"].params, x, chunk=c))
+    assert got.shape == whole.shape
+    np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="chunk must be"):
+    lowdim.param_grads(tiny["fns"], tiny["fns"].params, x, chunk=0)
+
+
 def test_streaming_stats_match_numpy(tiny):
   stats = _stats(tiny)
   g = tiny["G"]

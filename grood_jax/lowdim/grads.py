@@ -81,8 +81,21 @@ def lse_of_params(fns, params):
   return theta_P, y
 
 
-def param_grads(fns, params, x_BxHxWxC) -> jax.Array:
-  """G_BxP: row i is d/dθ logsumexp f(x_i) (float32), one vmap(grad) in one jit.
+def param_grads(fns, params, x_BxHxWxC, chunk: int | None = None) -> jax.Array:
+  """G_BxP: row i is d/dθ logsumexp f(x_i) (float32), one vmap(grad) in one jit per chunk.
+
+  With `chunk`, the batch is computed `chunk` rows per call and the rows concatenated (default
+  None: the whole batch in one call, what the low-dim detectors use). vmap turns the per-sample
+  conv-kernel gradients into
+  batch-grouped convolutions, and on XLA:CPU those run slower per row at larger groups: on the
+  default SmallCNN (P = 54,358), per image, 8 rows per call took 0.56-0.69x the time of 64
+  (16: 0.70-0.78x, 32: 0.82-0.93x; idle 2-core Xeon, 2026-12-02; `lax.map` over the chunks
+  inside one jit was 8x slower than one call).
+  Each row is its own sample's gradient either way; chunking changes only the float rounding
+  of the grouped convolutions (rows agree to ~1e-7 relative), but that was enough to move the
+  low-dim probes (on the 6v4 checkpoint `--select` chose lowdim_energy K = 32 instead of 128,
+  lowdim_msp AUROCs moved by 3e-3) for ~20 s of a 6-minute `--select` run, so it is not the
+  detectors' default (the same reason the custom-JVP max pool was reverted).
 
   Inside `parallel.data_parallel` with several devices the batch is replicated, not split,
   for this one function (every device computes all rows): split over the batch, the
@@ -94,7 +107,14 @@ def param_grads(fns, params, x_BxHxWxC) -> jax.Array:
   m = parallel.active_mesh()
   if m is not None:
     x_BxHxWxC = parallel.replicate(x_BxHxWxC, m)
-  return _param_grads(fns, params, x_BxHxWxC)
+  b = int(x_BxHxWxC.shape[0])
+  if chunk is None or int(chunk) >= b:
+    return _param_grads(fns, params, x_BxHxWxC)
+  chunk = int(chunk)
+  if chunk < 1:
+    raise ValueError(f"param_grads: chunk must be >= 1 or None, got {chunk}")
+  return jnp.concatenate([_param_grads(fns, params, x_BxHxWxC[s:s + chunk])
+                          for s in range(0, b, chunk)])
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -134,8 +134,13 @@ def test_train_on_2_processes_equals_1_process(trained):
   step2, p2 = _params(base / "two")
   assert step1 == step2 == 5                       # 250 images / batch 50, one epoch
   assert len(p1) == len(p2)
+  # Float drift only: the global batch's BatchNorm statistics and gradient sums are reduced in
+  # another order across 2 processes. After 5 SGD steps it reached 5.6e-5 on the early conv
+  # kernels on one machine of this project's kind (under 1e-5 on another). A process that
+  # skipped the all-reduce would follow its own half batch's gradients, which differ from the
+  # global batch's at the size of the gradients themselves, not in the last float bits.
   for a, b in zip(p1, p2):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(a).max()))
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * max(1.0, np.abs(a).max()))
   m1 = [json.loads(l) for l in (base / "one" / "metrics.jsonl").read_text().splitlines()]
   m2 = [json.loads(l) for l in (base / "two" / "metrics.jsonl").read_text().splitlines()]
   assert len(m1) == len(m2) == 1                   # process 0 alone writes metrics.jsonl

@@ -86,11 +86,10 @@ def param_grads(fns, params, x_BxHxWxC, chunk: int | None = None) -> jax.Array:
 
   With `chunk`, the batch is computed `chunk` rows per call and the rows concatenated (default
   None: the whole batch in one call, what the low-dim detectors use). vmap turns the per-sample
-  conv-kernel gradients into
-  batch-grouped convolutions, and on XLA:CPU those run slower per row at larger groups: on the
-  default SmallCNN (P = 54,358), per image, 8 rows per call took 0.56-0.69x the time of 64
-  (16: 0.70-0.78x, 32: 0.82-0.93x; idle 2-core Xeon, 2026-12-02; `lax.map` over the chunks
-  inside one jit was 8x slower than one call).
+  conv-kernel gradients into batch-grouped convolutions, and on XLA:CPU those run slower per
+  row at larger groups: on the default SmallCNN (P = 54,358), per image, 8 rows per call took
+  0.56-0.69x the time of 64 (16: 0.70-0.78x, 32: 0.82-0.93x; idle 2-core "AMD EPYC",
+  2026-12-02; `lax.map` over the chunks inside one jit was 8x slower than one call).
   Each row is its own sample's gradient either way; chunking changes only the float rounding
   of the grouped convolutions (rows agree to ~1e-7 relative), but that was enough to move the
   low-dim probes (on the 6v4 checkpoint `--select` chose lowdim_energy K = 32 instead of 128,
@@ -107,12 +106,12 @@ def param_grads(fns, params, x_BxHxWxC, chunk: int | None = None) -> jax.Array:
   m = parallel.active_mesh()
   if m is not None:
     x_BxHxWxC = parallel.replicate(x_BxHxWxC, m)
+  if chunk is not None and int(chunk) < 1:
+    raise ValueError(f"param_grads: chunk must be >= 1 or None, got {chunk}")
   b = int(x_BxHxWxC.shape[0])
   if chunk is None or int(chunk) >= b:
     return _param_grads(fns, params, x_BxHxWxC)
   chunk = int(chunk)
-  if chunk < 1:
-    raise ValueError(f"param_grads: chunk must be >= 1 or None, got {chunk}")
   return jnp.concatenate([_param_grads(fns, params, x_BxHxWxC[s:s + chunk])
                           for s in range(0, b, chunk)])
 

@@ -188,6 +188,25 @@ def test_knn(cnn):
     run("knn", ctx, test, k=65)
 
 
+def test_knn_grid_points_share_the_search(cnn, monkeypatch):
+  """Grid points that differ only in k search each (bank, split) twice in all (the first k,
+  then the grid's largest) and give the scores of a fresh search per point (the exact re-rank's
+  sums round by the candidate count: 1 ulp, 1e-7 relative)."""
+  from grood_jax import ops
+  ctx, test, _, _ = cnn
+  fresh = {k: run("knn", dataclasses.replace(ctx, cache={}), test, k=k)[0] for k in (1, 5, 10, 50)}
+  calls = []
+  real = ops.knn_search
+  monkeypatch.setattr(ops, "knn_search", lambda q, b, k, **kw: calls.append(k) or real(q, b, k, **kw))
+  shared = dataclasses.replace(ctx, cache={})
+  for k in (1, 5, 10, 50, 5):
+    np.testing.assert_allclose(run("knn", shared, test, k=k)[0], fresh[k], rtol=1e-6, atol=0)
+  assert calls == [1, len(ctx.train.feats)]   # the grid's largest k (200) capped at the bank
+  other = dataclasses.replace(test, feats=test.feats.copy())   # another split: its own search
+  np.testing.assert_allclose(run("knn", shared, other, k=5)[0], fresh[5], rtol=1e-6, atol=0)
+  assert calls[-1] == 5
+
+
 def _numpy_vim(ctx, split, w, b, p):
   h = ctx.train.feats.astype(np.float64)
   u = -np.linalg.pinv(w) @ b

@@ -172,6 +172,13 @@ def test_lowdim_knn_matches_sklearn(tiny):
   np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=1e-5)
   dist, _ = NearestNeighbors(n_neighbors=3).fit(bank).kneighbors(z)
   np.testing.assert_allclose(scores, -dist[:, 2], rtol=1e-3, atol=1e-4)
+  # grid points differing only in k share one search of this split (the second search is at
+  # the grid's largest k, capped at the bank): each still scores its own k-th neighbour
+  dist, _ = NearestNeighbors(n_neighbors=40).fit(bank).kneighbors(z)
+  for k in (1, 5, 2, 40):
+    d_k = make_detector("lowdim_knn", K=4, k=k, n_fit=40, batch_size=BS, power_iters=2)
+    np.testing.assert_allclose(d_k.score(ctx, d_k.fit(ctx), test), -dist[:, k - 1],
+                               rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("subspace", ["pca", "classmean"])

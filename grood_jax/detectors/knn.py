@@ -9,6 +9,12 @@ squared distance (FAISS IndexFlatL2); the ranking is the same.
 The fitted bank is one copy, on the device (`ops.put_bank`, a `DeviceBank`; a `ShardedBank`
 on a mesh): the train features are normalised one bank block at a time straight into it, so
 neither a normalised host copy nor a second device copy per scored set exists.
+
+Under `--select` the grid points differ only in k, so `shared_knn_dists` searches each (bank,
+scored split) once or twice instead of once per point: the first call searches at its own k,
+a later call that needs more neighbours searches once at the grid's largest k, and every other
+call slices the cached distances. The search is exact (re-ranked by direct differences), so the
+first k of a larger search are the same numbers as a search at k; the scores are unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +23,30 @@ import numpy as np
 
 from grood_jax import ops
 from grood_jax.detectors.base import Detector, DetectorError, Param, register
+
+
+def shared_knn_dists(ctx, owners: tuple, queries, bank, k: int, k_max: int, *,
+                     query_block: int, bank_block: int, progress=None) -> np.ndarray:
+  """Squared distances (Q, k) of the k nearest bank rows, shared across calls through ctx.cache.
+
+  `owners`: the objects whose identity fixes the bank and the queries (e.g. the train features
+  and the scored split's features): a cached search is reused only when every owner is the same
+  object (held by the entry, so an id is never reused). `queries`: the (Q, D) queries or a
+  function returning them (called only when a search runs). The first search of an owner set is
+  at k; one that needs more than the cached search holds is at max(k, k_max) (the grid's
+  largest k, at most the bank size), so a grid in ascending k searches twice in all. Memory: Q x k_max float32 per
+  cached (bank, split).
+  """
+  key = ("knn_dists",) + tuple(id(o) for o in owners)
+  hit = ctx.cache.get(key)
+  if hit is not None and all(a is b for a, b in zip(hit[0], owners)) and hit[1] >= k:
+    return hit[2][:, :k]
+  k_search = int(k) if hit is None else min(max(int(k), int(k_max)), len(bank))
+  q = queries() if callable(queries) else queries
+  d, _ = ops.knn_search(q, bank, k_search, query_block=query_block, bank_block=bank_block,
+                        progress=progress)
+  ctx.cache[key] = (tuple(owners), k_search, d)
+  return d[:, :k]
 
 
 class _UnitRows:
@@ -67,9 +97,11 @@ class KNN(Detector):
       raise DetectorError(f"knn: k={k} needs 1 <= k <= the number of train features ({n})")
     bar = ctx.bar(f"knn {split.name} vs bank of {n}", len(split.feats), "query")
     try:
-      d, _ = ops.knn_search(ops.l2_normalize(ops.as_np32(split.feats)), state["bank_NxD"], k,
-                            query_block=int(self.params["query_block"]),
-                            bank_block=int(self.params["bank_block"]), progress=bar.update)
+      d = shared_knn_dists(ctx, (ctx.train.feats, split.feats),
+                           lambda: ops.l2_normalize(ops.as_np32(split.feats)), state["bank_NxD"],
+                           k, max([k] + [int(v) for v in self.grid.get("k", [])]),
+                           query_block=int(self.params["query_block"]),
+                           bank_block=int(self.params["bank_block"]), progress=bar.update)
     finally:
       bar.close()
     return ops.as_np32(-np.sqrt(d[:, k - 1]))

@@ -24,6 +24,7 @@ import numpy as np
 
 from grood_jax import ops
 from grood_jax.detectors.base import Detector, DetectorError, Param, register
+from grood_jax.detectors.knn import shared_knn_dists
 from grood_jax.lowdim import grads as _grads
 from grood_jax.lowdim import probe as _probe
 from grood_jax.lowdim import subspace as _subspace
@@ -159,10 +160,12 @@ class LowdimKNN(_Lowdim):
     n = len(state["bank_NxK"])
     if not 1 <= k <= n:
       raise DetectorError(f"{self.name}: k={k} needs 1 <= k <= the bank size ({n})")
-    z = ops.l2_normalize(self._z(ctx, state, split))
-    d, _ = ops.knn_search(z, state["bank_NxK"], k,
-                              query_block=int(self.params["query_block"]),
-                              bank_block=int(self.params["bank_block"]))
+    # the bank and the queries are fixed by the cached basis slice (V of this K) and the images
+    d = shared_knn_dists(ctx, (state["V_PxK"], _images(split, self.name)),
+                         lambda: ops.l2_normalize(self._z(ctx, state, split)), state["bank_NxK"],
+                         k, max([k] + [int(v) for v in self.grid.get("k", [])]),
+                         query_block=int(self.params["query_block"]),
+                         bank_block=int(self.params["bank_block"]))
     return ops.as_np32(-np.sqrt(d[:, k - 1]))
 
 

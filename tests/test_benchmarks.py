@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("name,extra", [
     ("knn", ["--no-memory"]),
     ("grads", ["--subset", "5"]),
-    ("end_to_end", ["--subset", "20"]),
+    ("end_to_end", ["--rounds", "1"]),      # one timed round: this is a smoke run
     ("train_step", ["--devices", "2"]),
     ("forward", []),
 ])

@@ -197,7 +197,8 @@ def test_knn_grid_points_share_the_search(cnn, monkeypatch):
   fresh = {k: run("knn", dataclasses.replace(ctx, cache={}), test, k=k)[0] for k in (1, 5, 10, 50)}
   calls = []
   real = ops.knn_search
-  monkeypatch.setattr(ops, "knn_search", lambda q, b, k, **kw: calls.append(k) or real(q, b, k, **kw))
+  monkeypatch.setattr(ops, "knn_search",
+                      lambda q, b, k, **kw: calls.append(k) or real(q, b, k, **kw))
   shared = dataclasses.replace(ctx, cache={})
   for k in (1, 5, 10, 50, 5):
     np.testing.assert_allclose(run("knn", shared, test, k=k)[0], fresh[k], rtol=1e-6, atol=0)

@@ -25,23 +25,24 @@ from grood_jax import ops
 from grood_jax.detectors.base import Detector, DetectorError, Param, register
 
 
-def shared_knn_dists(ctx, owners: tuple, queries, bank, k: int, k_max: int, *,
+def shared_knn_dists(ctx, owners: tuple, queries, bank, k: int, grid_k=(), *,
                      query_block: int, bank_block: int, progress=None) -> np.ndarray:
   """Squared distances (Q, k) of the k nearest bank rows, shared across calls through ctx.cache.
 
   `owners`: the objects whose identity fixes the bank and the queries (e.g. the train features
   and the scored split's features): a cached search is reused only when every owner is the same
   object (held by the entry, so an id is never reused). `queries`: the (Q, D) queries or a
-  function returning them (called only when a search runs). The first search of an owner set is
-  at k; one that needs more than the cached search holds is at max(k, k_max) (the grid's
-  largest k, at most the bank size), so a grid in ascending k searches twice in all. Memory: Q x k_max float32 per
-  cached (bank, split).
+  function returning them (called only when a search runs). `grid_k`: the k values of the
+  detector's grid. The first search of an owner set is at k; one that needs more than the
+  cached search holds is at the largest of k and `grid_k` (at most the bank size), so a grid in
+  ascending k searches twice in all. Memory: Q x max(grid_k) float32 per cached (bank, split).
   """
   key = ("knn_dists",) + tuple(id(o) for o in owners)
   hit = ctx.cache.get(key)
   if hit is not None and all(a is b for a, b in zip(hit[0], owners)) and hit[1] >= k:
     return hit[2][:, :k]
-  k_search = int(k) if hit is None else min(max(int(k), int(k_max)), len(bank))
+  k = int(k)
+  k_search = k if hit is None else min(max([k] + [int(v) for v in grid_k]), len(bank))
   q = queries() if callable(queries) else queries
   d, _ = ops.knn_search(q, bank, k_search, query_block=query_block, bank_block=bank_block,
                         progress=progress)
@@ -99,7 +100,7 @@ class KNN(Detector):
     try:
       d = shared_knn_dists(ctx, (ctx.train.feats, split.feats),
                            lambda: ops.l2_normalize(ops.as_np32(split.feats)), state["bank_NxD"],
-                           k, max([k] + [int(v) for v in self.grid.get("k", [])]),
+                           k, self.grid.get("k", ()),
                            query_block=int(self.params["query_block"]),
                            bank_block=int(self.params["bank_block"]), progress=bar.update)
     finally:

@@ -163,7 +163,7 @@ class LowdimKNN(_Lowdim):
     # the bank and the queries are fixed by the cached basis slice (V of this K) and the images
     d = shared_knn_dists(ctx, (state["V_PxK"], _images(split, self.name)),
                          lambda: ops.l2_normalize(self._z(ctx, state, split)), state["bank_NxK"],
-                         k, max([k] + [int(v) for v in self.grid.get("k", [])]),
+                         k, self.grid.get("k", ()),
                          query_block=int(self.params["query_block"]),
                          bank_block=int(self.params["bank_block"]))
     return ops.as_np32(-np.sqrt(d[:, k - 1]))

@@ -103,11 +103,11 @@ def param_grads(fns, params, x_BxHxWxC, chunk: int | None = None) -> jax.Array:
   every row off under an explicit `jax.shard_map`; replicated rows exact). The other batch
   work (features, GROOD, kNN) is split; tests/test_sharding.py checks every detector.
   """
+  if chunk is not None and int(chunk) < 1:
+    raise ValueError(f"param_grads: chunk must be >= 1 or None, got {chunk}")
   m = parallel.active_mesh()
   if m is not None:
     x_BxHxWxC = parallel.replicate(x_BxHxWxC, m)
-  if chunk is not None and int(chunk) < 1:
-    raise ValueError(f"param_grads: chunk must be >= 1 or None, got {chunk}")
   b = int(x_BxHxWxC.shape[0])
   if chunk is None or int(chunk) >= b:
     return _param_grads(fns, params, x_BxHxWxC)
